@@ -1,0 +1,244 @@
+"""The model version directory, the contract between training and the service.
+
+    MODEL_DIR/
+      versions/<version>/   model.safetensors, config.json, items.json, metrics.json,
+                            manifest.json (sha256 of every other file)
+      CURRENT               one line: the version to serve
+
+A version is written to a temporary directory, fsynced and renamed into place, so a reader
+sees either nothing or the whole version; ``CURRENT`` is replaced atomically the same way.
+A version is rebuilt from ``config.json`` alone and refused when any file fails its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from multvae import __version__
+from multvae.errors import NoModelError, VerificationError
+from multvae.items import ItemIndex
+from multvae.model import ModelConfig, MultVAE
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+ITEMS = "items.json"
+METRICS = "metrics.json"
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+FILES = (WEIGHTS, CONFIG, ITEMS, METRICS)
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A loaded, verified model version."""
+
+    version: str
+    path: Path
+    model: MultVAE
+    items: ItemIndex
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def created_at(self) -> str:
+        return str(self.config.get("created_at", ""))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_version(
+    model_dir: Path | str,
+    model: MultVAE,
+    items: ItemIndex,
+    metrics: dict[str, Any],
+    extra_config: dict[str, Any] | None = None,
+    *,
+    write_extra: Callable[[Path], None] | None = None,
+    promote: bool = True,
+) -> str:
+    """Write a new version atomically and (by default) point ``CURRENT`` at it; returns its name.
+
+    ``extra_config`` (training config, data fingerprint, beta used...) is stored in config.json
+    beside the architecture. ``write_extra(dir)`` may add files (e.g. the held-out users); they
+    are hashed into the manifest like the rest. Nothing is visible under ``versions/`` until
+    the rename.
+    """
+    model_dir = Path(model_dir)
+    versions = model_dir / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    created = datetime.now(UTC)
+    tmp = versions / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        config = {
+            "model": model.config.to_dict(),
+            "n_items": model.config.n_items,
+            "created_at": created.isoformat(),
+            "code_version": __version__,
+            **(extra_config or {}),
+        }
+        _write_json(tmp / CONFIG, config)
+        items.save(tmp / ITEMS)
+        _write_json(tmp / METRICS, metrics)
+        if write_extra is not None:
+            write_extra(tmp)
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        hashes = {name: _sha256(tmp / name) for name in names}
+        _write_json(tmp / MANIFEST, {"files": hashes})
+        for name in (*names, MANIFEST):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        content = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+        # Microseconds keep versions written within one second in creation order.
+        version = f"{created.strftime('%Y%m%dT%H%M%S%fZ')}-{content[:8]}"
+        final = versions / version
+        if final.exists():
+            raise FileExistsError(f"model version {final} already exists")
+        os.rename(tmp, final)
+        _fsync_dir(versions)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if promote:
+        set_current(model_dir, version)
+    return version
+
+
+def set_current(model_dir: Path | str, version: str) -> None:
+    """Atomically point ``CURRENT`` at an existing, verified version."""
+    model_dir = Path(model_dir)
+    verify_version(model_dir / VERSIONS / version)
+    tmp = model_dir / f".{CURRENT}.tmp-{uuid.uuid4().hex}"
+    tmp.write_text(version + "\n")
+    _fsync_file(tmp)
+    os.replace(tmp, model_dir / CURRENT)
+    _fsync_dir(model_dir)
+
+
+def current_version(model_dir: Path | str) -> str | None:
+    """The version ``CURRENT`` names, or None when there is no pointer."""
+    try:
+        name = (Path(model_dir) / CURRENT).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return name or None
+
+
+def list_versions(model_dir: Path | str) -> list[str]:
+    """Complete versions, oldest first (names start with a UTC timestamp)."""
+    versions = Path(model_dir) / VERSIONS
+    if not versions.is_dir():
+        return []
+    return sorted(p.name for p in versions.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def verify_version(path: Path) -> dict[str, str]:
+    """Check every file against the manifest; returns the manifest's hashes."""
+    if not path.is_dir():
+        raise NoModelError(f"model version directory {path} does not exist")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        hashes: dict[str, str] = manifest["files"]
+    except FileNotFoundError as exc:
+        raise VerificationError(f"{path} has no {MANIFEST}: an incomplete version") from exc
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise VerificationError(f"{path / MANIFEST} is not a valid manifest: {exc}") from exc
+    for name in FILES:
+        if name not in hashes:
+            raise VerificationError(f"{path / MANIFEST} lists no hash for {name}")
+    for name in hashes:
+        file = path / name
+        if not file.is_file():
+            raise VerificationError(f"{file} is missing")
+        actual = _sha256(file)
+        if actual != hashes[name]:
+            raise VerificationError(
+                f"{file} fails verification: sha256 {actual[:12]}... but the manifest says "
+                f"{hashes[name][:12]}...; the file was altered or partly written"
+            )
+    return hashes
+
+
+def load_version(
+    model_dir: Path | str, version: str | None = None, device: torch.device | str = "cpu"
+) -> ModelVersion:
+    """Load and verify ``version`` (default: the one ``CURRENT`` names), in eval mode."""
+    model_dir = Path(model_dir)
+    if version is None:
+        version = current_version(model_dir)
+        if version is None:
+            raise NoModelError(
+                f"{model_dir} has no {CURRENT} file: train a model first "
+                f"(multvae train --out {model_dir})"
+            )
+    path = model_dir / VERSIONS / version
+    verify_version(path)
+    try:
+        config = json.loads((path / CONFIG).read_text())
+        model_config = ModelConfig.from_dict(config["model"])
+        items = ItemIndex.load(path / ITEMS)
+        metrics = json.loads((path / METRICS).read_text())
+        model = MultVAE(model_config)
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise VerificationError(f"{path} verifies but cannot be rebuilt: {exc}") from exc
+    if len(items) != model_config.n_items:
+        raise VerificationError(
+            f"{path}: items.json has {len(items)} items, the model {model_config.n_items}"
+        )
+    model.to(device).eval()
+    return ModelVersion(version, path, model, items, config, metrics)
+
+
+def remove_old_versions(model_dir: Path | str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    current = current_version(model_dir)
+    versions = list_versions(model_dir)
+    removable = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
+    for version in removable:
+        shutil.rmtree(Path(model_dir) / VERSIONS / version)
+    return removable

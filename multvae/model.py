@@ -1,0 +1,272 @@
+"""Mult-VAE^PR and Mult-DAE (Liang et al., WWW 2018), the whole model in one file.
+
+Generative model (Eq. 1): z ~ N(0, I_K), pi = softmax(f_theta(z)), x_u ~ Mult(N_u, pi).
+Inference model: q_phi(z | x_u) = N(mu_phi(x_u), diag sigma^2_phi(x_u)) for the VAE,
+a point estimate z = g_phi(x_u) for the DAE. Both rank items by the decoder logits f_theta(z)
+with z the encoder mean (Section 2.4).
+
+The first layer never sees a dense user x item batch: the L2-normalised click rows arrive as
+a :class:`SparseRows` (CSR pieces) and go through ``embedding_bag`` with per-sample weights,
+which is exactly ``x @ W`` for a sparse ``x``; memory grows with clicks, not users x items.
+The training state (beta schedule, step counter) lives in the training loop, not here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ModelKind = Literal["multvae", "multdae"]
+Likelihood = Literal["multinomial", "gaussian", "logistic"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture, with the paper's names: ``p_dims`` is the generative model [K, ..., I]."""
+
+    kind: ModelKind = "multvae"
+    p_dims: tuple[int, ...] = (200, 600, 0)  # last entry is the item count I
+    q_dims: tuple[int, ...] | None = None  # inference model [I, ..., K]; None = reversed p_dims
+    dropout: float = 0.5  # on the L2-normalised input, training only
+    likelihood: Likelihood = "multinomial"
+    # Gaussian likelihood confidence weights (Hu et al.): c1 on clicks, c0 on the zeros.
+    gaussian_c0: float = 1.0
+    gaussian_c1: float = 10.0
+
+    def __post_init__(self) -> None:
+        if len(self.p_dims) < 2 or any(d <= 0 for d in self.p_dims):
+            raise ValueError(f"p_dims must be >= 2 positive sizes [K, ..., I], got {self.p_dims}")
+        q = self.encoder_dims
+        if q[0] != self.p_dims[-1] or q[-1] != self.p_dims[0]:
+            raise ValueError(
+                f"q_dims {q} must start at I={self.p_dims[-1]} and end at K={self.p_dims[0]}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.kind not in ("multvae", "multdae"):
+            raise ValueError(f"kind must be 'multvae' or 'multdae', got {self.kind!r}")
+        if self.likelihood not in ("multinomial", "gaussian", "logistic"):
+            raise ValueError(
+                f"likelihood must be multinomial, gaussian or logistic, got {self.likelihood!r}"
+            )
+
+    @classmethod
+    def default(cls, kind: ModelKind, n_items: int, **overrides: Any) -> ModelConfig:
+        """The paper's architectures: VAE [I -> 600 -> 200 -> 600 -> I], DAE [I -> 200 -> I]."""
+        p_dims = (200, 600, n_items) if kind == "multvae" else (200, n_items)
+        return cls(kind=kind, p_dims=p_dims, **overrides)
+
+    @property
+    def n_items(self) -> int:
+        return self.p_dims[-1]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.p_dims[0]
+
+    @property
+    def encoder_dims(self) -> tuple[int, ...]:
+        return tuple(self.q_dims) if self.q_dims is not None else tuple(reversed(self.p_dims))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        fields = dict(data)
+        fields["p_dims"] = tuple(fields["p_dims"])
+        if fields.get("q_dims") is not None:
+            fields["q_dims"] = tuple(fields["q_dims"])
+        return cls(**fields)
+
+
+@dataclass
+class SparseRows:
+    """A batch of click rows in CSR pieces: row b owns ``indices[offsets[b]:offsets[b+1]]``."""
+
+    indices: Tensor  # (nnz,) int64 item columns
+    offsets: Tensor  # (B + 1,) int64
+    values: Tensor  # (nnz,) float32 click counts (1.0 for binarised data)
+    n_items: int
+    _rows: Tensor | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_csr(cls, x: sp.csr_matrix, device: torch.device | str = "cpu") -> SparseRows:
+        x = sp.csr_matrix(x)
+        return cls(
+            indices=torch.from_numpy(x.indices.astype(np.int64)).to(device),
+            offsets=torch.from_numpy(x.indptr.astype(np.int64)).to(device),
+            values=torch.from_numpy(x.data.astype(np.float32)).to(device),
+            n_items=x.shape[1],
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.offsets.numel()) - 1
+
+    @property
+    def rows(self) -> Tensor:
+        """(nnz,) the row of every stored entry."""
+        if self._rows is None:
+            lengths = self.offsets[1:] - self.offsets[:-1]
+            self._rows = torch.repeat_interleave(
+                torch.arange(self.batch_size, device=self.indices.device), lengths
+            )
+        return self._rows
+
+    def row_sums(self) -> Tensor:
+        """(B,) N_u, the total clicks per row."""
+        out = torch.zeros(self.batch_size, device=self.values.device)
+        return out.index_add_(0, self.rows, self.values)
+
+    def to_dense(self) -> Tensor:
+        """(B, I) dense copy; for tests and the dense reference path only."""
+        out = torch.zeros(self.batch_size, self.n_items, device=self.values.device)
+        out[self.rows, self.indices] = self.values
+        return out
+
+
+def _glorot_(weight: Tensor, fan_in: int, fan_out: int) -> None:
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    nn.init.uniform_(weight, -bound, bound)
+
+
+def _bias_(bias: Tensor) -> None:
+    # The reference initialises biases from a truncated normal with std 0.001.
+    nn.init.trunc_normal_(bias, std=0.001, a=-0.002, b=0.002)
+
+
+class MultVAE(nn.Module):
+    """Mult-VAE^PR (``kind="multvae"``) or Mult-DAE (``kind="multdae"``) from one config."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        q = config.encoder_dims
+        # Layer output sizes; the VAE's last encoder layer emits mean and log-variance (2K).
+        outs = list(q[1:])
+        if config.kind == "multvae":
+            outs[-1] *= 2
+        # First encoder layer as an (I, h) table so sparse rows go through embedding_bag.
+        self.input_weight = nn.Parameter(torch.empty(q[0], outs[0]))  # (I, h1)
+        self.input_bias = nn.Parameter(torch.empty(outs[0]))
+        _glorot_(self.input_weight, q[0], outs[0])
+        _bias_(self.input_bias)
+        self.encoder = nn.ModuleList(
+            nn.Linear(d_in, d_out) for d_in, d_out in zip(q[1:-1], outs[1:], strict=True)
+        )
+        p = config.p_dims
+        self.decoder = nn.ModuleList(
+            nn.Linear(d_in, d_out) for d_in, d_out in itertools.pairwise(p)
+        )
+        for layer in [*self.encoder, *self.decoder]:
+            _glorot_(layer.weight, layer.in_features, layer.out_features)
+            _bias_(layer.bias)
+
+    # -- encoder ---------------------------------------------------------------------------
+
+    def _first_layer(self, x: SparseRows, dropout: float) -> Tensor:
+        # L2-normalise each row, then input dropout on the surviving entries (scaled 1/(1-p)),
+        # exactly F.dropout(F.normalize(dense_x)) restricted to the non-zeros.
+        norms = torch.zeros(x.batch_size, device=x.values.device)
+        norms.index_add_(0, x.rows, x.values * x.values)
+        norms = norms.clamp_min(1e-24).sqrt()
+        weights = x.values / norms[x.rows]
+        if dropout > 0.0:
+            keep = torch.rand_like(weights) >= dropout
+            weights = torch.where(keep, weights / (1.0 - dropout), torch.zeros_like(weights))
+        return (
+            F.embedding_bag(
+                x.indices,
+                self.input_weight,
+                x.offsets[:-1],
+                mode="sum",
+                per_sample_weights=weights,
+                include_last_offset=False,
+            )
+            + self.input_bias
+        )  # (B, q1)
+
+    def encode(self, x: SparseRows) -> tuple[Tensor, Tensor | None]:
+        """(mu, logvar) for the VAE, (g(x), None) for the DAE; dropout only in training."""
+        h = self._first_layer(x, self.config.dropout if self.training else 0.0)
+        # tanh between layers; the VAE's Gaussian parameters get no activation.
+        dae = self.config.kind == "multdae"
+        n_layers = 1 + len(self.encoder)
+        if n_layers > 1 or dae:
+            h = torch.tanh(h)
+        for i, layer in enumerate(self.encoder, start=2):
+            h = layer(h)
+            if i < n_layers or dae:
+                h = torch.tanh(h)
+        if self.config.kind == "multdae":
+            return h, None  # (B, K)
+        k = self.config.latent_dim
+        return h[:, :k], h[:, k:]  # (B, K), (B, K)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Decoder logits f_theta(z): (B, K) -> (B, I)."""
+        h = z
+        for i, layer in enumerate(self.decoder):
+            h = layer(h)
+            if i < len(self.decoder) - 1:
+                h = torch.tanh(h)
+        return h
+
+    def forward(self, x: SparseRows) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(logits, mu, logvar); z is sampled by reparameterisation in training, z = mu else."""
+        mu, logvar = self.encode(x)
+        z = mu
+        if self.training and logvar is not None:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return self.decode(z), mu, logvar
+
+    @torch.no_grad()
+    def scores(self, x: SparseRows) -> Tensor:
+        """Fold-in scores: decoder logits at the encoder mean, (B, I). Call in eval mode."""
+        mu, _ = self.encode(x)
+        return self.decode(mu)
+
+    # -- objective -------------------------------------------------------------------------
+
+    def neg_log_likelihood(self, logits: Tensor, x: SparseRows) -> Tensor:
+        """Mean over the batch of -log p(x_u | z_u), Eq. 2-4, without densifying x."""
+        at_clicks = logits[x.rows, x.indices]  # (nnz,) f_ui on the clicked items
+        likelihood = self.config.likelihood
+        if likelihood == "multinomial":
+            # sum_i x_ui log softmax(f)_i = sum_i x_ui f_ui - N_u logsumexp(f_u)
+            log_norm = torch.logsumexp(logits, dim=1)  # (B,)
+            ll = _row_sum(x.values * at_clicks, x) - x.row_sums() * log_norm
+        elif likelihood == "gaussian":
+            # -sum_i c_ui/2 (x_ui - f_ui)^2: c0 everywhere, corrected to c1 on the clicks.
+            c0, c1 = self.config.gaussian_c0, self.config.gaussian_c1
+            on_clicks = c1 * (x.values - at_clicks) ** 2 - c0 * at_clicks**2
+            ll = -0.5 * (c0 * (logits**2).sum(dim=1) + _row_sum(on_clicks, x))
+        else:
+            # sum_i x log s(f) + (1 - x) log(1 - s(f)) = sum_i -softplus(f_i) + sum_i x_ui f_ui
+            ll = -F.softplus(logits).sum(dim=1) + _row_sum(x.values * at_clicks, x)
+        return -ll.mean()
+
+    @staticmethod
+    def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
+        """Mean over the batch of KL(N(mu, sigma^2) || N(0, I))."""
+        return (0.5 * (-logvar + logvar.exp() + mu**2 - 1.0)).sum(dim=1).mean()
+
+    def l2_penalty(self) -> Tensor:
+        """Sum of squared weights (biases excluded), the DAE's weight decay term."""
+        total = (self.input_weight**2).sum()
+        for layer in [*self.encoder, *self.decoder]:
+            total = total + (layer.weight**2).sum()
+        return total
+
+
+def _row_sum(values: Tensor, x: SparseRows) -> Tensor:
+    return torch.zeros(x.batch_size, device=values.device).index_add_(0, x.rows, values)

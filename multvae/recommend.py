@@ -1,0 +1,134 @@
+"""Fold-in: the one code path from click histories to ranked items, offline and online.
+
+``multvae evaluate`` and the HTTP service both go through :class:`Recommender`, so a service
+response equals what the offline evaluation computes for the same history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from numpy.typing import NDArray
+
+from multvae.items import ItemIndex
+from multvae.model import MultVAE, SparseRows
+from multvae.ranking import mask_and_topk
+
+EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """Ranked columns with their scores; ``fallback`` names the ranking used when not the model."""
+
+    columns: NDArray[np.int64]
+    scores: NDArray[np.float32]
+    fallback: str | None = None
+
+
+def _rows(histories: Sequence[NDArray[np.int64]], n_items: int, device: torch.device) -> SparseRows:
+    # Clicks are binary: a repeated column counts once, as in the binarised training data.
+    unique = [np.unique(h) for h in histories]
+    lengths = np.fromiter((len(u) for u in unique), dtype=np.int64, count=len(unique))
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    indices = np.concatenate(unique) if unique else EMPTY
+    x = sp.csr_matrix(
+        (np.ones(len(indices), dtype=np.float32), indices, indptr),
+        shape=(len(histories), n_items),
+    )
+    return SparseRows.from_csr(x, device)
+
+
+@torch.inference_mode()
+def topk(
+    model: MultVAE,
+    histories: Sequence[NDArray[np.int64]],
+    k: int,
+    exclude: Sequence[NDArray[np.int64]] | None = None,
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """(B, k) top columns and scores for non-empty histories, history and exclude masked."""
+    device = model.input_weight.device
+    scores = model.scores(_rows(histories, model.config.n_items, device))  # (B, I)
+    masked = list(histories)
+    if exclude is not None:
+        masked = [np.concatenate([h, e]) for h, e in zip(histories, exclude, strict=True)]
+    return mask_and_topk(scores, masked, k)
+
+
+def topk_rows(
+    model: MultVAE, fold_in: sp.csr_matrix, k: int, batch_size: int = 1000
+) -> NDArray[np.int64]:
+    """Ranked top-k columns for every row of a fold-in matrix (evaluation), in batches."""
+    fold_in = sp.csr_matrix(fold_in)
+    out = []
+    for start in range(0, fold_in.shape[0], batch_size):
+        block = fold_in[start : start + batch_size]
+        histories = [
+            block.indices[block.indptr[i] : block.indptr[i + 1]].astype(np.int64)
+            for i in range(block.shape[0])
+        ]
+        cols, _ = topk(model, histories, k)
+        out.append(cols)
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+class Recommender:
+    """Scores histories with a trained model: z = mu(x), logits = f(z), seen items masked."""
+
+    def __init__(self, model: MultVAE, items: ItemIndex) -> None:
+        if model.config.n_items != len(items):
+            raise ValueError(f"model has {model.config.n_items} items, index has {len(items)}")
+        self.model = model.eval()
+        self.items = items
+        self._popularity_order = items.popularity_ranking()
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def recommend_batch(
+        self,
+        histories: Sequence[NDArray[np.int64]],
+        n: Sequence[int],
+        exclude: Sequence[NDArray[np.int64]],
+    ) -> list[Recommendation]:
+        """Top ``n[b]`` items for each history in one forward pass; empty ones use popularity."""
+        if not len(histories) == len(n) == len(exclude):
+            raise ValueError("histories, n and exclude must have the same length")
+        results: list[Recommendation | None] = [None] * len(histories)
+        model_rows = [b for b, h in enumerate(histories) if len(h)]
+        if model_rows:
+            k = min(max(n[b] for b in model_rows), self.n_items)
+            cols, scores = topk(
+                self.model,
+                [histories[b] for b in model_rows],
+                k,
+                [exclude[b] for b in model_rows],
+            )
+            for row, b in enumerate(model_rows):
+                keep = np.isfinite(scores[row])
+                results[b] = Recommendation(cols[row][keep][: n[b]], scores[row][keep][: n[b]])
+        for b, h in enumerate(histories):
+            if not len(h):
+                results[b] = self.popular(n[b], exclude[b])
+        return [r for r in results if r is not None]
+
+    def recommend(
+        self, history: NDArray[np.int64], n: int, exclude: NDArray[np.int64] = EMPTY
+    ) -> Recommendation:
+        """Top ``n`` items for one history (columns), seen and excluded items never returned."""
+        return self.recommend_batch([history], [n], [exclude])[0]
+
+    def popular(self, n: int, exclude: NDArray[np.int64] = EMPTY) -> Recommendation:
+        """Cold start: the most popular training items, ``exclude`` removed."""
+        order = self._popularity_order
+        if len(exclude):
+            order = order[~np.isin(order, exclude)]
+        top = order[:n]
+        return Recommendation(
+            top, self.items.popularity[top].astype(np.float32), fallback="popularity"
+        )

@@ -1,0 +1,1 @@
+"""Online service: click history -> fold-in -> top-N over HTTP."""

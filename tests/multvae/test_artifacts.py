@@ -1,0 +1,125 @@
+"""Model versions: atomic writes, verification, reload equality, CURRENT, garbage collection."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from multvae import artifacts
+from multvae.artifacts import (
+    current_version,
+    list_versions,
+    load_version,
+    remove_old_versions,
+    set_current,
+    write_version,
+)
+from multvae.errors import NoModelError, VerificationError
+from multvae.items import ItemIndex
+from multvae.model import ModelConfig, MultVAE
+from multvae.recommend import Recommender
+
+
+def _model(n_items: int = 30, seed: int = 0) -> MultVAE:
+    torch.manual_seed(seed)
+    return MultVAE(ModelConfig.default("multvae", n_items)).eval()
+
+
+def _items(n_items: int = 30) -> ItemIndex:
+    return ItemIndex.build([f"m{i}" for i in range(n_items)], np.arange(n_items)[::-1])
+
+
+def _write(model_dir: Path, seed: int = 0, **kwargs: object) -> str:
+    return write_version(model_dir, _model(seed=seed), _items(), {"test": {}}, **kwargs)  # type: ignore[arg-type]
+
+
+def test_save_then_load_gives_identical_scores(tmp_path: Path) -> None:
+    model = _model()
+    version = write_version(tmp_path, model, _items(), {"test": {"ndcg@100": 0.5}}, {"beta": 0.2})
+    loaded = load_version(tmp_path)
+    assert loaded.version == version == current_version(tmp_path)
+    assert loaded.config["beta"] == 0.2
+    assert loaded.metrics["test"]["ndcg@100"] == 0.5
+    assert loaded.items.ids == _items().ids
+    history = np.array([1, 5, 7])
+    a = Recommender(model, _items()).recommend(history, 10)
+    b = Recommender(loaded.model, loaded.items).recommend(history, 10)
+    np.testing.assert_array_equal(a.columns, b.columns)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_version_directory_layout_and_manifest(tmp_path: Path) -> None:
+    version = _write(tmp_path, write_extra=lambda d: (d / "extra.bin").write_bytes(b"x"))
+    path = tmp_path / "versions" / version
+    names = {p.name for p in path.iterdir()}
+    assert names == {*artifacts.FILES, artifacts.MANIFEST, "extra.bin"}
+    manifest = json.loads((path / artifacts.MANIFEST).read_text())
+    assert set(manifest["files"]) == {*artifacts.FILES, "extra.bin"}
+    assert (tmp_path / "CURRENT").read_text() == version + "\n"
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "items.json", "config.json", "metrics.json"])
+def test_corrupted_file_fails_verification(tmp_path: Path, name: str) -> None:
+    version = _write(tmp_path)
+    target = tmp_path / "versions" / version / name
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match=name):
+        load_version(tmp_path)
+
+
+def test_missing_file_and_missing_manifest_fail(tmp_path: Path) -> None:
+    version = _write(tmp_path)
+    path = tmp_path / "versions" / version
+    (path / "items.json").unlink()
+    with pytest.raises(VerificationError, match="missing"):
+        load_version(tmp_path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(VerificationError, match="incomplete"):
+        load_version(tmp_path)
+
+
+def test_no_current_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(NoModelError, match="no CURRENT"):
+        load_version(tmp_path)
+    (tmp_path / "CURRENT").write_text("20990101T000000Z-deadbeef\n")
+    with pytest.raises(NoModelError, match="does not exist"):
+        load_version(tmp_path)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
+    first = _write(tmp_path)
+
+    def explode(_: Path) -> None:
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _write(tmp_path, seed=1, write_extra=explode)
+    assert list_versions(tmp_path) == [first]
+    assert current_version(tmp_path) == first
+    assert not [p for p in (tmp_path / "versions").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_set_current_refuses_a_corrupt_version(tmp_path: Path) -> None:
+    good = _write(tmp_path)
+    bad = _write(tmp_path, seed=1, promote=False)
+    (tmp_path / "versions" / bad / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(VerificationError):
+        set_current(tmp_path, bad)
+    assert current_version(tmp_path) == good
+
+
+def test_remove_old_versions_keeps_current(tmp_path: Path) -> None:
+    versions = []
+    for seed in range(4):
+        versions.append(_write(tmp_path, seed=seed, promote=seed == 0))
+    removed = remove_old_versions(tmp_path, keep=1)
+    left = list_versions(tmp_path)
+    assert versions[0] in left  # CURRENT survives even though it is the oldest
+    assert sorted(versions[-1:] + versions[:1]) == sorted(left)
+    assert set(removed) == set(versions[1:3])

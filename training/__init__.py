@@ -1,0 +1,1 @@
+"""Offline training: interaction files -> sparse matrix -> split -> train -> model version."""

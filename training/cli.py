@@ -1,0 +1,206 @@
+"""``multvae train | evaluate | generate``: the offline subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from multvae.artifacts import VERSIONS, load_version
+from multvae.device import resolve_device
+from multvae.errors import TrainingError
+from training.evaluate import HELDOUT_FILE, evaluate_model, format_evaluation, load_heldout
+from training.pipeline import DataSpec, split_for_version, train_and_write, train_config_for
+
+FORMATS = ("auto", "ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
+
+
+def _anneal_cap(text: str) -> float | str:
+    if text in ("auto", "auto-single"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number in [0, 1], 'auto' or 'auto-single'"
+        ) from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"anneal cap {value} is outside [0, 1]")
+    return value
+
+
+def _heldout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a user count nor a fraction in (0, 1)"
+        ) from None
+    if value <= 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a count >= 1 or a fraction in (0, 1)")
+    return value
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated layer sizes, e.g. 600") from None
+    if any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r}: layer sizes must be positive")
+    return dims
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--data/--format/--*-col/--preset and the filter and split flags (shared with retrain)."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", required=required, help="interaction file (or Netflix directory)")
+    g.add_argument("--format", default="auto", choices=FORMATS)
+    g.add_argument("--user-col", help="user column of a generic CSV/TSV/Parquet file")
+    g.add_argument("--item-col", help="item column of a generic CSV/TSV/Parquet file")
+    g.add_argument("--rating-col", help="rating or count column (optional)")
+    g.add_argument(
+        "--preset", choices=("ml-20m", "netflix", "msd"),
+        help="the paper's Table 1 preprocessing, held-out users and training schedule",
+    )
+    g.add_argument("--min-rating", type=float, help="keep ratings > this (default 3.5)")
+    g.add_argument(
+        "--keep-all-ratings", action="store_true", help="do not binarise: every row is a click"
+    )
+    g.add_argument("--min-user-clicks", type=int, help="drop users with fewer (default 5)")
+    g.add_argument("--min-item-users", type=int, help="drop items with fewer users (default 0)")
+    g.add_argument(
+        "--heldout-users", type=_heldout,
+        help="users in each of validation and test: a count, or a fraction of all users "
+        "(default 10%%, at most 10,000)",
+    )
+    g.add_argument("--seed", type=int, default=98765, help="split and training seed")
+
+
+def spec_from_args(args: argparse.Namespace) -> DataSpec:
+    return DataSpec(
+        path=args.data, format=args.format, user_col=args.user_col, item_col=args.item_col,
+        rating_col=args.rating_col, preset=args.preset, min_rating=args.min_rating,
+        keep_all_ratings=args.keep_all_ratings, min_user_clicks=args.min_user_clicks,
+        min_item_users=args.min_item_users, heldout_users=args.heldout_users, seed=args.seed,
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model and optimisation flags; unset ones follow the paper (preset) or adapt to the data."""
+    g = parser.add_argument_group("model and training")
+    g.add_argument("--model", default="multvae", choices=("multvae", "multdae"))
+    g.add_argument(
+        "--likelihood", default="multinomial", choices=("multinomial", "gaussian", "logistic")
+    )
+    g.add_argument("--hidden-dims", type=_dims, help="hidden layer sizes (default 600 / none)")
+    g.add_argument("--latent-dim", type=int, help="K (default 200)")
+    g.add_argument("--dropout", type=float, help="input dropout (default 0.5)")
+    g.add_argument("--epochs", type=int, help="epochs (default: from --min-updates)")
+    g.add_argument("--min-updates", type=int, help="train at least this many updates")
+    g.add_argument("--batch-size", type=int, help="users per batch (default adapts, <= 500)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument(
+        "--anneal-cap", type=_anneal_cap,
+        help="beta cap in [0, 1], 'auto' (anneal to 1, retrain to the peak) or 'auto-single'",
+    )
+    g.add_argument("--total-anneal-steps", type=int, help="updates until beta reaches 1")
+    g.add_argument("--weight-decay", type=float, help="L2 weight (default 0.01 DAE, 0 VAE)")
+    g.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
+    g.add_argument("--no-early-stopping", action="store_true")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+_CONFIG_FLAGS = (
+    "model", "likelihood", "hidden_dims", "latent_dim", "dropout", "epochs", "min_updates",
+    "batch_size", "lr", "anneal_cap", "total_anneal_steps", "weight_decay", "patience", "device",
+    "seed",
+)
+
+
+def train_config_from_args(args: argparse.Namespace, spec: DataSpec) -> Any:
+    overrides = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
+    if args.no_early_stopping:
+        overrides["patience"] = None
+    return train_config_for(spec, **overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = spec_from_args(args)
+    config = train_config_from_args(args, spec)
+    resolve_device(config.device)  # fail before reading data
+    trained = train_and_write(
+        spec, config, args.out, promote=not args.no_promote, progress=not args.quiet
+    )
+    stats = trained.data.split.stats
+    print(
+        f"data: {stats['users']} users, {stats['items']} items, {stats['train_clicks']} "
+        f"training clicks; {stats['val_users']} validation / {stats['test_users']} test users "
+        f"(seed {spec.seed})"
+    )
+    r = trained.result
+    print(
+        f"trained {config.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
+        f"batch {r.plan.batch_size}) in {r.seconds:.1f}s; best epoch {r.best_epoch}, "
+        f"beta {r.beta:.3f}, validation NDCG@100 {r.best_val_ndcg:.4f}"
+    )
+    print(format_evaluation("test", trained.test))
+    where = Path(args.out) / VERSIONS / str(trained.version)
+    print(f"wrote model version {trained.version} to {where}"
+          + ("" if args.no_promote else " (CURRENT)"))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    version = load_version(args.model_dir, args.version, device)
+    if args.data is not None:
+        test = split_for_version(version, args.data).test
+    else:
+        _, test = load_heldout(version.path / HELDOUT_FILE)
+    evaluation = evaluate_model(version.model, test)
+    if args.json:
+        print(json.dumps({"version": version.version, "test": evaluation.to_json()}, indent=2))
+    else:
+        print(f"model version {version.version}")
+        print(format_evaluation("test", evaluation))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from training.synthetic import SHAPES, generate, write
+
+    if args.shape not in SHAPES:
+        raise TrainingError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
+    inter = generate(args.shape, seed=args.seed)
+    path = Path(args.out)
+    write(inter, path, args.format)
+    print(f"wrote {len(inter)} interactions ({args.shape}) to {path}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("train", help="train a model version from an interaction file")
+    add_data_arguments(p)
+    add_model_arguments(p)
+    p.add_argument("--out", required=True, help="model directory (versions/ and CURRENT)")
+    p.add_argument("--no-promote", action="store_true", help="write the version, keep CURRENT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("evaluate", help="Recall@20/50 and NDCG@100 on the test users")
+    p.add_argument("model_dir", help="model directory")
+    p.add_argument("--version", help="version to score (default: CURRENT)")
+    p.add_argument("--data", help="re-read and re-split this file instead of heldout.npz")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser("generate", help="write synthetic clustered interaction data")
+    p.add_argument("--shape", required=True, help="small, ml-20m, netflix or msd")
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--format", default="csv", choices=("csv", "tsv", "parquet", "msd"))
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+

@@ -1,0 +1,184 @@
+"""File -> sparse matrix -> split -> train -> evaluate -> model version, in one call.
+
+The data recipe (:class:`DataSpec`) is stored in the version's config.json, so the exact split
+can be rebuilt later from the same file (:func:`split_for_version`), e.g. to score baselines
+on the same held-out users.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from multvae.artifacts import ModelVersion, write_version
+from multvae.device import resolve_device
+from multvae.errors import DataError
+from training.dataset import Split
+from training.evaluate import Evaluation, evaluate_model, save_heldout
+from training.preprocess import PRESETS, Preprocessing, default_preprocessing, filter_interactions
+from training.readers import read_interactions
+from training.split import data_fingerprint, strong_generalisation_split
+from training.train import TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How to read, filter and split an interaction file; ``None`` fields use the defaults."""
+
+    path: str
+    format: str = "auto"
+    user_col: str | None = None
+    item_col: str | None = None
+    rating_col: str | None = None
+    preset: str | None = None
+    min_rating: float | None = None
+    keep_all_ratings: bool = False  # binarise nothing, even when the file has ratings
+    min_user_clicks: int | None = None
+    min_item_users: int | None = None
+    heldout_users: float | None = None  # count (>= 1) or fraction (< 1) per held-out group
+    seed: int = 98765
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataSpec:
+        return cls(**data)
+
+
+@dataclass
+class PreparedData:
+    split: Split
+    fingerprint: str
+    preprocessing: Preprocessing
+    filter_stats: dict[str, int]
+    seconds: float
+
+
+def preprocessing_for(spec: DataSpec, has_values: bool) -> tuple[Preprocessing, float | None]:
+    """The filtering rules and held-out size a spec resolves to (preset, then explicit flags)."""
+    if spec.preset is not None:
+        if spec.preset not in PRESETS:
+            raise DataError(f"unknown preset {spec.preset!r}; choose one of {sorted(PRESETS)}")
+        preset = PRESETS[spec.preset]
+        prep, heldout = preset.preprocessing, float(preset.n_heldout)
+    else:
+        prep, heldout = default_preprocessing(has_values), None
+    if spec.keep_all_ratings:
+        prep = replace(prep, min_rating=None)
+    elif spec.min_rating is not None:
+        prep = replace(prep, min_rating=spec.min_rating)
+    if spec.min_user_clicks is not None:
+        prep = replace(prep, min_user_clicks=spec.min_user_clicks)
+    if spec.min_item_users is not None:
+        prep = replace(prep, min_item_users=spec.min_item_users)
+    if spec.heldout_users is not None:
+        heldout = spec.heldout_users
+    return prep, heldout
+
+
+def prepare(spec: DataSpec) -> PreparedData:
+    """Read, filter and split the file the spec names."""
+    tic = time.perf_counter()
+    raw = read_interactions(
+        spec.path, spec.format,
+        user_col=spec.user_col, item_col=spec.item_col, rating_col=spec.rating_col,
+    )
+    prep, heldout = preprocessing_for(spec, raw.value is not None)
+    kept, stats = filter_interactions(raw, prep)
+    del raw
+    n_heldout: int | float | None = heldout
+    if heldout is not None and heldout >= 1:
+        n_heldout = int(heldout)
+    split = strong_generalisation_split(kept, n_heldout, seed=spec.seed)
+    return PreparedData(
+        split, data_fingerprint(kept), prep, stats, time.perf_counter() - tic
+    )
+
+
+def train_config_for(spec: DataSpec, **overrides: Any) -> TrainConfig:
+    """The paper's exact training schedule under a preset, the adaptive defaults otherwise."""
+    if spec.preset is not None:
+        epochs = 200 if spec.preset == "ml-20m" else 100
+        return TrainConfig.paper(epochs=epochs, **overrides)
+    return TrainConfig(**overrides)
+
+
+@dataclass
+class TrainedVersion:
+    version: str | None
+    result: TrainResult
+    validation: Evaluation
+    test: Evaluation
+    data: PreparedData
+
+
+def train_and_write(
+    spec: DataSpec,
+    config: TrainConfig,
+    model_dir: Path | str,
+    *,
+    promote: bool = True,
+    progress: bool = False,
+    prepared: PreparedData | None = None,
+) -> TrainedVersion:
+    """Train on the spec's data and write a verified model version (CURRENT moves if promote)."""
+    data = prepared or prepare(spec)
+    split = data.split
+    log.info("split: %s", split.stats)
+    result = train(split, config, progress=progress)
+    validation = evaluate_model(result.model, split.validation)
+    test = evaluate_model(result.model, split.test)
+    device = resolve_device(config.device)
+    metrics = {
+        "validation": validation.to_json(),
+        "test": test.to_json(),
+        "best_epoch": result.best_epoch,
+        "beta": result.beta,
+        "train_seconds": result.seconds,
+        "history": [asdict(r) for r in result.history],
+        "anneal_search": [asdict(r) for r in result.anneal_search],
+    }
+    extra = {
+        "data": spec.to_dict(),
+        "preprocessing": asdict(data.preprocessing),
+        "split": {"seed": split.seed, **split.stats},
+        "filter_stats": data.filter_stats,
+        "data_fingerprint": data.fingerprint,
+        "training": {**config.to_dict(), **asdict(result.plan)},
+        "beta": result.beta,
+        "environment": {
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)
+        },
+    }
+    version = write_version(
+        model_dir, result.model, split.items, metrics, extra,
+        write_extra=lambda d: save_heldout(d / "heldout.npz", split.validation, split.test),
+        promote=promote,
+    )
+    return TrainedVersion(version, result, validation, test, data)
+
+
+def split_for_version(version: ModelVersion, data_path: str | None = None) -> Split:
+    """Rebuild the split a version was trained on (optionally reading the data from elsewhere)."""
+    try:
+        spec = DataSpec.from_dict(version.config["data"])
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"{version.path} records no data recipe in config.json") from exc
+    if data_path is not None:
+        spec = replace(spec, path=data_path)
+    split = prepare(spec).split
+    if tuple(split.items.ids) != tuple(version.items.ids):
+        raise DataError(
+            f"{spec.path} does not rebuild the item vocabulary of version {version.version} "
+            f"({len(split.items)} vs {len(version.items)} items): the data changed since training"
+        )
+    return split
