@@ -1,16 +1,18 @@
-"""``multvae train | evaluate | generate``: the offline subcommands."""
+"""``multvae train | evaluate | compare | generate``: the offline subcommands."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from multvae.artifacts import VERSIONS, load_version
 from multvae.device import resolve_device
-from multvae.errors import TrainingError
+from multvae.errors import DataError, TrainingError
 from training.evaluate import HELDOUT_FILE, evaluate_model, format_evaluation, load_heldout
+from training.preprocess import PRESETS
 from training.pipeline import DataSpec, split_for_version, train_and_write, train_config_for
 
 FORMATS = ("auto", "ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
@@ -61,8 +63,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     g.add_argument("--item-col", help="item column of a generic CSV/TSV/Parquet file")
     g.add_argument("--rating-col", help="rating or count column (optional)")
     g.add_argument(
-        "--preset", choices=("ml-20m", "netflix", "msd"),
-        help="the paper's Table 1 preprocessing, held-out users and training schedule",
+        "--preset", choices=sorted(PRESETS),
+        help="ml-20m, netflix, msd: the paper's Table 1 preprocessing, held-out users and "
+        "training schedule; ml-100k, ml-latest-small: the split of REFERENCE.md",
     )
     g.add_argument("--min-rating", type=float, help="keep ratings > this (default 3.5)")
     g.add_argument(
@@ -152,20 +155,83 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline_names(text: str) -> list[str]:
+    from training.baselines import parse_baseline_names
+
+    try:
+        return parse_baseline_names(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     version = load_version(args.model_dir, args.version, device)
-    if args.data is not None:
-        test = split_for_version(version, args.data).test
+    if args.baselines and args.data is None:
+        raise DataError(
+            "--baselines needs --data: baselines are fitted on the training users, which a "
+            "model version does not store; pass the file the version was trained on"
+        )
+    split = split_for_version(version, args.data) if args.data is not None else None
+    if split is not None:
+        test = split.test
     else:
         _, test = load_heldout(version.path / HELDOUT_FILE)
     evaluation = evaluate_model(version.model, test)
+    baselines: dict[str, Any] = {}
+    if args.baselines and split is not None:
+        from training.baselines import run_baselines
+
+        # Progress goes to stderr so that --json output stays parseable.
+        baselines = run_baselines(
+            split, args.baselines, log=lambda line: print(line, file=sys.stderr, flush=True)
+        )
+    report = None
+    if args.report:
+        from training.report import write_version_report
+
+        report = write_version_report(args.model_dir, version, evaluation, baselines)
     if args.json:
-        print(json.dumps({"version": version.version, "test": evaluation.to_json()}, indent=2))
-    else:
-        print(f"model version {version.version}")
-        print(format_evaluation("test", evaluation))
+        out: dict[str, Any] = {"version": version.version, "test": evaluation.to_json()}
+        if baselines:
+            out["baselines"] = {name: r.to_json() for name, r in baselines.items()}
+        if report is not None:
+            out["report"] = {"markdown": str(report[0]), "html": str(report[1])}
+        print(json.dumps(out, indent=2, allow_nan=False))
+        return 0
+    print(f"model version {version.version}")
+    print(format_evaluation("test", evaluation))
+    for name, result in baselines.items():
+        print(format_evaluation(f"{name} {result.params or ''}".strip(), result.test))
+    if baselines:
+        from training.report import best_baseline
+        from training.stats import paired_tests
+
+        best = str(best_baseline({n: r.test for n, r in baselines.items()}))
+        print(f"model vs {best} (best baseline), paired t-test:")
+        for metric, t in paired_tests(evaluation, baselines[best].test).items():
+            print(f"  {metric:<10} {t.diff:+.4f}  p {t.p:.3g} {t.stars}".rstrip())
+    if report is not None:
+        print(f"report: {report[0]} and {report[1]}")
     return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from training.compare import compare_versions
+
+    result = compare_versions(
+        args.dir_a, args.dir_b, version_a=args.version_a, version_b=args.version_b,
+        device=resolve_device(args.device),
+    )
+    regressed = result.regressed(args.metric, args.alpha, args.tolerance)
+    if args.json:
+        print(json.dumps({**result.to_json(), "regressed": regressed}, indent=2, allow_nan=False))
+    else:
+        print(result.format())
+        verdict = "REGRESSED" if regressed else "no significant regression"
+        gate = f"alpha {args.alpha}, tolerance {args.tolerance}"
+        print(f"B vs A on {args.metric} ({gate}): {verdict}")
+    return 1 if regressed and args.fail_on_regression else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -195,7 +261,36 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data", help="re-read and re-split this file instead of heldout.npz")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--baselines", type=_baseline_names, metavar="NAMES",
+        help="also score baselines on the same test users, e.g. popularity,ease,wmf "
+        "(fitted on the training users: needs --data)",
+    )
+    p.add_argument(
+        "--report", action="store_true",
+        help="write report.md, report.html and plots to MODEL_DIR/reports/<version>/",
+    )
     p.set_defaults(func=cmd_evaluate)
+
+    p = subparsers.add_parser(
+        "compare", help="two model versions on the same held-out users, with paired t-tests"
+    )
+    p.add_argument("dir_a", help="reference: a model directory or a versions/<v> directory")
+    p.add_argument("dir_b", help="candidate: a model directory or a versions/<v> directory")
+    p.add_argument("--version-a", help="version of DIR_A (default: its CURRENT)")
+    p.add_argument("--version-b", help="version of DIR_B (default: its CURRENT)")
+    p.add_argument("--metric", default="ndcg@100", choices=("recall@20", "recall@50", "ndcg@100"))
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level of the gate")
+    p.add_argument(
+        "--tolerance", type=float, default=0.0, help="allowed drop of the metric (B - A)"
+    )
+    p.add_argument(
+        "--fail-on-regression", action="store_true",
+        help="exit 1 when B is significantly worse than A by more than --tolerance",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_compare)
 
     p = subparsers.add_parser("generate", help="write synthetic clustered interaction data")
     p.add_argument("--shape", required=True, help="small, ml-20m, netflix or msd")

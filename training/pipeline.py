@@ -92,7 +92,8 @@ def prepare(spec: DataSpec) -> PreparedData:
         spec.path, spec.format,
         user_col=spec.user_col, item_col=spec.item_col, rating_col=spec.rating_col,
     )
-    prep, heldout = preprocessing_for(spec, raw.value is not None)
+    # MSD play counts are clicks, not ratings: binarise them without a threshold.
+    prep, heldout = preprocessing_for(spec, raw.value is not None and raw.source != "msd")
     kept, stats = filter_interactions(raw, prep)
     del raw
     n_heldout: int | float | None = heldout
@@ -105,10 +106,10 @@ def prepare(spec: DataSpec) -> PreparedData:
 
 
 def train_config_for(spec: DataSpec, **overrides: Any) -> TrainConfig:
-    """The paper's exact training schedule under a preset, the adaptive defaults otherwise."""
-    if spec.preset is not None:
-        epochs = 200 if spec.preset == "ml-20m" else 100
-        return TrainConfig.paper(epochs=epochs, **overrides)
+    """The paper's exact training schedule under a paper preset, the adaptive defaults else."""
+    preset = PRESETS.get(spec.preset or "")
+    if preset is not None and preset.paper_epochs is not None:
+        return TrainConfig.paper(epochs=preset.paper_epochs, **overrides)
     return TrainConfig(**overrides)
 
 

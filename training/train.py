@@ -99,13 +99,19 @@ def plan(config: TrainConfig, n_train_users: int) -> Plan:
     """Resolve batch size, epochs and anneal length for ``n_train_users`` users."""
     if n_train_users < 1:
         raise TrainingError("the split has no training users")
-    batch = config.batch_size or int(np.clip(n_train_users // 8, 32, 500))
-    batch = min(batch, n_train_users)
+    if config.batch_size is not None:
+        batch = min(config.batch_size, n_train_users)
+    else:
+        # At most the paper's 500 users, split evenly so no epoch ends on a runt batch.
+        batch = math.ceil(n_train_users / math.ceil(n_train_users / 500))
     per_epoch = math.ceil(n_train_users / batch)
     epochs = config.epochs or min(
         config.max_epochs, max(1, math.ceil(config.min_updates / per_epoch))
     )
-    anneal = config.total_anneal_steps or max(1, round(config.anneal_fraction * epochs * per_epoch))
+    # beta = step / total_anneal_steps reaches the cap at anneal_fraction of the planned updates
+    cap = config.anneal_cap if isinstance(config.anneal_cap, float | int) else 1.0
+    reach = config.anneal_fraction * epochs * per_epoch
+    anneal = config.total_anneal_steps or max(1, round(reach / max(float(cap), 1e-6)))
     decay = (
         config.weight_decay
         if config.weight_decay is not None

@@ -1,0 +1,398 @@
+"""Interaction files -> :class:`Interactions`: each paper dataset's raw layout, generic tables.
+
+Every big format is parsed by a C parser (pyarrow, or pandas for Netflix) with explicit
+dtypes; Python only ever loops over a few lines (sniffing), per-movie headers, titles files,
+or - when a parser fails - over the file once more to name the first bad line. String ids are
+dictionary-encoded so that MSD's 48M rows never become 48M Python strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from numpy.typing import NDArray
+
+from multvae.errors import DataError, MalformedLineError
+from training.dataset import Interactions
+
+FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
+# Layout-identical releases read by the same code.
+ALIASES = {"ml-10m": "ml-1m", "ml-25m": "ml-20m", "ml-latest": "ml-20m",
+           "ml-latest-small": "ml-20m"}
+USER_COLUMNS = ("userId", "user_id", "user", "userID", "UserId")
+ITEM_COLUMNS = ("itemId", "item_id", "movieId", "movie_id", "item", "song", "song_id", "itemID")
+RATING_COLUMNS = ("rating",)  # a count column must be named explicitly: it is not a rating
+_STR_DICT = pa.dictionary(pa.int32(), pa.string())
+
+# A line checker returns None for a good line, else what the line should have looked like.
+LineCheck = Callable[[str], str | None]
+
+
+def read_interactions(
+    path: str | Path,
+    fmt: str = "auto",
+    user_col: str | None = None,
+    item_col: str | None = None,
+    rating_col: str | None = None,
+    sep: str | None = None,
+) -> Interactions:
+    """Read an interaction file (or a Netflix Prize directory) in file order.
+
+    ``fmt`` is one of :data:`FORMATS` (or an alias in :data:`ALIASES`) or ``"auto"``.
+    ``user_col``/``item_col``/``rating_col``/``sep`` only apply to csv, tsv and parquet.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory")
+    fmt = ALIASES.get(fmt, fmt)
+    if fmt == "auto":
+        path, fmt = detect_format(path)
+    if fmt not in FORMATS:
+        raise DataError(f"unknown format {fmt!r}; accepted: auto, {', '.join(FORMATS)}")
+    if fmt == "netflix":
+        from training.netflix import read_netflix  # late: netflix imports this module
+
+        return read_netflix(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a directory; format {fmt!r} reads one file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path} is empty")
+    if fmt == "ml-100k":
+        return _read_headerless(path, fmt, "\t", 4, ("int", "int", "float"), _titles_100k)
+    if fmt == "ml-1m":
+        return _read_headerless(path, fmt, "::", 4, ("int", "int", "float"), _titles_1m)
+    if fmt == "msd":
+        return _read_headerless(path, fmt, "\t", 3, ("str", "str", "int"), None)
+    if fmt == "parquet":
+        return _read_parquet(path, user_col, item_col, rating_col)
+    if fmt == "ml-20m":
+        user_col, item_col = user_col or "userId", item_col or "movieId"
+    return _read_table(path, fmt, sep or ("\t" if fmt == "tsv" else ","),
+                       user_col, item_col, rating_col)
+
+
+def detect_format(path: Path) -> tuple[Path, str]:
+    """(file to read, format) for ``fmt="auto"``; DataError listing the formats when unsure."""
+    if path.is_dir():
+        if any(path.glob("mv_*.txt")) or any(path.glob("training_set/mv_*.txt")) \
+                or any(path.glob("combined_data_*.txt")):
+            return path, "netflix"
+        for name in ("u.data", "ratings.dat", "ratings.csv", "train_triplets.txt"):
+            if (path / name).is_file():
+                return detect_format(path / name)
+    name = path.name.lower()
+    if name == "u.data":
+        return path, "ml-100k"
+    if name == "ratings.dat":
+        return path, "ml-1m"
+    if name == "train_triplets.txt":
+        return path, "msd"
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return path, "parquet"
+    first = _first_lines(path, 5) if path.is_file() else []
+    if suffix == ".csv" and first and first[0].replace('"', "").startswith("userId,movieId"):
+        return path, "ml-20m"
+    if first and all(_looks_like_triplet(line) for line in first):
+        return path, "msd"
+    if suffix in (".csv", ".tsv"):
+        return path, suffix[1:]
+    raise DataError(
+        f"cannot tell the format of {path}; pass one of {', '.join(FORMATS)} "
+        "(netflix takes the directory of mv_*.txt or combined_data_*.txt files)"
+    )
+
+
+def _looks_like_triplet(line: str) -> bool:
+    fields = line.split("\t")
+    return (len(fields) == 3 and fields[2].strip().isdigit()
+            and not fields[0].strip().isdigit() and not fields[1].strip().isdigit())
+
+
+def _first_lines(path: Path, n: int) -> list[str]:
+    lines: list[str] = []
+    with path.open("rb") as fh:
+        for raw in fh:
+            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if text.strip():
+                lines.append(text)
+            if len(lines) == n:
+                break
+    return lines
+
+
+# ---- headerless text formats: u.data, ratings.dat, train_triplets.txt --------------------------
+
+
+def _read_headerless(
+    path: Path, fmt: str, sep: str, n_fields: int, kinds: tuple[str, str, str],
+    titles: Callable[[Path, NDArray[Any]], dict[str, str]] | None,
+) -> Interactions:
+    # "::" is not a single-character delimiter: parse on ":" and keep every other column.
+    delim = sep[0]
+    width = n_fields if len(sep) == 1 else 2 * n_fields - 1
+    names = [f"f{i}" for i in range(width)]
+    step = 1 if len(sep) == 1 else 2
+    user, item, value = names[0], names[step], names[2 * step]
+    types = {"int": pa.int64(), "float": pa.float32(), "str": _STR_DICT}
+    column_types = dict(zip((user, item, value), (types[k] for k in kinds), strict=True))
+    check = field_check(sep, n_fields, {i: k for i, k in enumerate(kinds) if k != "str"})
+    table = _arrow_csv(path, check, delim, names, column_types, [user, item, value], False)
+    inter = _to_interactions(path, table[user], table[item], table[value], fmt, check, 0)
+    if titles is not None:
+        inter.titles = titles(path, inter.item_ids)
+    return inter
+
+
+def _arrow_csv(
+    path: Path, check: LineCheck, delim: str, names: list[str] | None,
+    column_types: dict[str, pa.DataType], include: list[str], header: bool,
+) -> pa.Table:
+    read = pacsv.ReadOptions(column_names=names, skip_rows=0, block_size=1 << 24)
+    parse = pacsv.ParseOptions(delimiter=delim, quote_char='"' if header else False)
+    convert = pacsv.ConvertOptions(
+        column_types=column_types, include_columns=include,
+        auto_dict_encode=True, auto_dict_max_cardinality=2**30,
+    )
+    try:
+        table = pacsv.read_csv(path, read_options=read, parse_options=parse,
+                               convert_options=convert)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise locate_bad_line(path, check, skip=int(header), cause=str(exc)) from exc
+    if table.num_rows == 0:
+        raise DataError(f"{path} has no interactions")
+    return table
+
+
+def field_check(sep: str, n_fields: int, kinds: dict[int, str], quoted: bool = False) -> LineCheck:
+    """A checker for ``n_fields`` ``sep``-separated fields whose ``kinds`` are int/float/str."""
+    layout = f"{n_fields} fields separated by {sep!r}"
+
+    def check(line: str) -> str | None:
+        fields = next(csv.reader([line], delimiter=sep)) if quoted else line.split(sep)
+        if len(fields) != n_fields:
+            return layout
+        for i, field in enumerate(fields):
+            kind = kinds.get(i, "str")
+            if not field.strip():
+                return f"{layout}, field {i + 1} not empty"
+            if kind != "str" and not _parses(field, kind):
+                return f"{layout}, field {i + 1} a number ({kind})"
+        return None
+
+    return check
+
+
+def _parses(text: str, kind: str) -> bool:
+    try:
+        number = int(text) if kind == "int" else float(text)
+    except ValueError:
+        return False
+    return math.isfinite(number)
+
+
+def locate_bad_line(path: Path, check: LineCheck, skip: int, cause: str) -> DataError:
+    """The error for the first line ``check`` rejects (the parser only said *that* it failed)."""
+    for lineno, line in numbered_lines(path):
+        if lineno <= skip or not line.strip():
+            continue
+        expected = check(line)
+        if expected is not None:
+            return MalformedLineError(path, lineno, expected, line)
+    return DataError(f"{path}: could not be parsed: {cause}")
+
+
+def numbered_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            yield lineno, raw.decode(encoding, "replace").rstrip("\r\n")
+
+
+# ---- tables with a header: ratings.csv, generic csv/tsv, parquet ------------------------------
+
+
+def _pick(names: list[str], given: str | None, candidates: tuple[str, ...], role: str,
+          path: Path, required: bool = True) -> str | None:
+    if given is not None:
+        if given not in names:
+            raise DataError(f"{path} has no {role} column {given!r}; its columns are {names}")
+        return given
+    found = next((c for c in candidates if c in names), None)
+    if found is None and required:
+        raise DataError(
+            f"{path}: cannot tell the {role} column among {names}; "
+            f"pass --{role}-col (tried {', '.join(candidates)})"
+        )
+    return found
+
+
+def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: str | None,
+                rating_col: str | None) -> Interactions:
+    header_line = _first_lines(path, 1)
+    if not header_line:
+        raise DataError(f"{path} is empty")
+    names = next(csv.reader(header_line, delimiter=sep))
+    user = _pick(names, user_col, USER_COLUMNS, "user", path)
+    item = _pick(names, item_col, ITEM_COLUMNS, "item", path)
+    value = _pick(names, rating_col, RATING_COLUMNS, "rating", path, required=False)
+    assert user is not None  # required=True never returns None
+    assert item is not None
+    kinds = {names.index(value): "float"} if value is not None else {}
+    check = field_check(sep, len(names), kinds, quoted=True)
+    # Ids are inferred (int64 when numeric, else dictionary-encoded strings); ratings float32.
+    types: dict[str, pa.DataType] = {value: pa.float32()} if value is not None else {}
+    wanted = [user, item] + ([value] if value is not None else [])
+    table = _arrow_csv(path, check, sep, None, types, wanted, True)
+    inter = _to_interactions(path, table[user], table[item],
+                             table[value] if value is not None else None, fmt, check, 1)
+    if fmt == "ml-20m":
+        inter.titles = _titles_csv(path.parent / "movies.csv", inter.item_ids)
+    return inter
+
+
+def _read_parquet(path: Path, user_col: str | None, item_col: str | None,
+                  rating_col: str | None) -> Interactions:
+    try:
+        names = list(pq.read_schema(path).names)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path} is not a readable parquet file: {exc}") from exc
+    user = _pick(names, user_col, USER_COLUMNS, "user", path)
+    item = _pick(names, item_col, ITEM_COLUMNS, "item", path)
+    value = _pick(names, rating_col, RATING_COLUMNS, "rating", path, required=False)
+    assert user is not None
+    assert item is not None
+    table = pq.read_table(path, columns=[c for c in (user, item, value) if c is not None])
+    if table.num_rows == 0:
+        raise DataError(f"{path} has no interactions")
+    return _to_interactions(path, table[user], table[item],
+                            table[value] if value is not None else None, "parquet", None, 0)
+
+
+# ---- arrow columns -> codes ------------------------------------------------------------------
+
+
+def _to_interactions(
+    path: Path, user: pa.ChunkedArray, item: pa.ChunkedArray, value: pa.ChunkedArray | None,
+    fmt: str, check: LineCheck | None, skip: int,
+) -> Interactions:
+    for col, role in ((user, "user id"), (item, "item id"), (value, "rating")):
+        if col is None or (col.null_count == 0 and not _has_empty_string(col)):
+            continue
+        if check is not None:
+            raise locate_bad_line(path, check, skip, f"empty or non-numeric {role}")
+        row = int(pc.index(pc.is_null(col), True).as_py())  # parquet: name the row instead
+        raise MalformedLineError(path, row + 1, f"a {role} in every row", "null")
+    user_codes, user_ids = encode_ids(user, sort=True)
+    item_codes, item_ids = encode_ids(item, sort=False)
+    values = None
+    if value is not None:
+        values = value.to_numpy().astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise MalformedLineError(path, bad + 1 + skip, "a finite rating", str(values[bad]))
+    return Interactions(user_codes, item_codes, values, user_ids, item_ids, source=fmt)
+
+
+def _has_empty_string(col: pa.ChunkedArray) -> bool:
+    """An empty id field parses as the id "" (string columns are never null): reject it."""
+    if pa.types.is_dictionary(col.type):
+        return any(pc.any(pc.equal(c.dictionary, "")).as_py() for c in col.chunks)
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        return bool(pc.any(pc.equal(col, "")).as_py())
+    return False
+
+
+def encode_ids(col: pa.ChunkedArray, sort: bool) -> tuple[NDArray[np.int32], NDArray[Any]]:
+    """(int32 codes, ids): ascending ids when ``sort``, else in order of first appearance.
+
+    Integer (or integral float) ids stay int64 so "ascending" is numeric; anything else is
+    dictionary-encoded and only the distinct strings become Python objects.
+    """
+    if pa.types.is_floating(col.type):
+        floats = col.to_numpy()
+        if np.all(floats == np.round(floats)):
+            col = pa.chunked_array([floats.astype(np.int64)])
+        else:
+            col = col.cast(pa.string())
+    if pa.types.is_integer(col.type):
+        return int_codes(col.to_numpy().astype(np.int64, copy=False), sort)
+    if not pa.types.is_dictionary(col.type):
+        col = col.cast(pa.string()).dictionary_encode()
+    # Per-block dictionaries differ; unify them, then work on int32 indices only.
+    col = pa.table({"c": col}).unify_dictionaries()["c"]
+    dictionary = (col.chunk(0).dictionary if col.num_chunks else pa.array([], pa.string()))
+    indices = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in col.chunks])
+    strings = np.asarray(dictionary.to_pylist(), dtype=object)
+    codes, uniques = pd.factorize(indices, sort=False)
+    ids = strings[uniques]
+    if sort:
+        order = np.argsort(ids, kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        codes, ids = rank[codes], ids[order]
+    return codes.astype(np.int32), ids
+
+
+def int_codes(ids: NDArray[np.integer], sort: bool) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
+    codes, uniques = pd.factorize(ids, sort=sort)
+    return codes.astype(np.int32), np.asarray(uniques, dtype=np.int64)
+
+
+# ---- titles (optional sibling files) ---------------------------------------------------------
+
+_ML1M_LINE = re.compile(r"^(\d+)::(.*)::[^:]*$")
+
+
+def present_ids(ids: NDArray[Any]) -> set[str]:
+    return {str(i) for i in ids.tolist()}
+
+
+def _titles_100k(path: Path, ids: NDArray[Any]) -> dict[str, str]:
+    src, keep = path.parent / "u.item", present_ids(ids)
+    if not src.is_file():
+        return {}
+    titles: dict[str, str] = {}
+    for line in src.read_text(encoding="latin-1").splitlines():
+        fields = line.split("|")
+        if len(fields) > 1 and fields[0] in keep:
+            titles[fields[0]] = fields[1]
+    return titles
+
+
+def _titles_1m(path: Path, ids: NDArray[Any]) -> dict[str, str]:
+    src, keep = path.parent / "movies.dat", present_ids(ids)
+    if not src.is_file():
+        return {}
+    raw = src.read_bytes()
+    try:
+        text = raw.decode("utf-8")  # ML-10M is UTF-8
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # ML-1M is latin-1
+    titles: dict[str, str] = {}
+    for line in text.splitlines():
+        match = _ML1M_LINE.match(line)
+        if match and match.group(1) in keep:
+            titles[match.group(1)] = match.group(2)
+    return titles
+
+
+def _titles_csv(src: Path, ids: NDArray[Any]) -> dict[str, str]:
+    if not src.is_file():
+        return {}
+    keep = present_ids(ids)
+    try:
+        movies = pd.read_csv(src, usecols=["movieId", "title"], dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError):
+        return {}  # titles are a nicety; a broken movies.csv must not stop training
+    return {m: t for m, t in zip(movies["movieId"], movies["title"], strict=True) if m in keep}
