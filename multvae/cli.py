@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from multvae import __version__
 from multvae.errors import MultVAEError
 
-SUBCOMMAND_MODULES = ("training.cli", "service.cli")
+SUBCOMMAND_MODULES = ("training.cli", "service.cli", "multvae.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
