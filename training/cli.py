@@ -12,8 +12,8 @@ from multvae.artifacts import VERSIONS, load_version
 from multvae.device import resolve_device
 from multvae.errors import DataError, TrainingError
 from training.evaluate import HELDOUT_FILE, evaluate_model, format_evaluation, load_heldout
-from training.preprocess import PRESETS
 from training.pipeline import DataSpec, split_for_version, train_and_write, train_config_for
+from training.preprocess import PRESETS
 
 FORMATS = ("auto", "ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
 
@@ -45,10 +45,14 @@ def _heldout(text: str) -> float:
 
 
 def _dims(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
     try:
-        dims = tuple(int(d) for d in text.split(",") if d.strip())
+        dims = tuple(int(d) for d in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated layer sizes, e.g. 600") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: comma-separated layer sizes (e.g. 600) or 'none'"
+        ) from None
     if any(d <= 0 for d in dims):
         raise argparse.ArgumentTypeError(f"{text!r}: layer sizes must be positive")
     return dims
@@ -63,7 +67,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     g.add_argument("--item-col", help="item column of a generic CSV/TSV/Parquet file")
     g.add_argument("--rating-col", help="rating or count column (optional)")
     g.add_argument(
-        "--preset", choices=sorted(PRESETS),
+        "--preset",
+        choices=sorted(PRESETS),
         help="ml-20m, netflix, msd: the paper's Table 1 preprocessing, held-out users and "
         "training schedule; ml-100k, ml-latest-small: the split of REFERENCE.md",
     )
@@ -74,7 +79,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     g.add_argument("--min-user-clicks", type=int, help="drop users with fewer (default 5)")
     g.add_argument("--min-item-users", type=int, help="drop items with fewer users (default 0)")
     g.add_argument(
-        "--heldout-users", type=_heldout,
+        "--heldout-users",
+        type=_heldout,
         help="users in each of validation and test: a count, or a fraction of all users "
         "(default 10%%, at most 10,000)",
     )
@@ -83,10 +89,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
 
 def spec_from_args(args: argparse.Namespace) -> DataSpec:
     return DataSpec(
-        path=args.data, format=args.format, user_col=args.user_col, item_col=args.item_col,
-        rating_col=args.rating_col, preset=args.preset, min_rating=args.min_rating,
-        keep_all_ratings=args.keep_all_ratings, min_user_clicks=args.min_user_clicks,
-        min_item_users=args.min_item_users, heldout_users=args.heldout_users, seed=args.seed,
+        path=args.data,
+        format=args.format,
+        user_col=args.user_col,
+        item_col=args.item_col,
+        rating_col=args.rating_col,
+        preset=args.preset,
+        min_rating=args.min_rating,
+        keep_all_ratings=args.keep_all_ratings,
+        min_user_clicks=args.min_user_clicks,
+        min_item_users=args.min_item_users,
+        heldout_users=args.heldout_users,
+        seed=args.seed,
     )
 
 
@@ -97,7 +111,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--likelihood", default="multinomial", choices=("multinomial", "gaussian", "logistic")
     )
-    g.add_argument("--hidden-dims", type=_dims, help="hidden layer sizes (default 600 / none)")
+    g.add_argument(
+        "--hidden-dims",
+        type=_dims,
+        help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for a VAE with >= 10,000 "
+        "training users, none below and for the DAE)",
+    )
     g.add_argument("--latent-dim", type=int, help="K (default 200)")
     g.add_argument("--dropout", type=float, help="input dropout (default 0.5)")
     g.add_argument("--epochs", type=int, help="epochs (default: from --min-updates)")
@@ -105,7 +124,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="users per batch (default adapts, <= 500)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     g.add_argument(
-        "--anneal-cap", type=_anneal_cap,
+        "--anneal-cap",
+        type=_anneal_cap,
         help="beta cap in [0, 1], 'auto' (anneal to 1, retrain to the peak) or 'auto-single'",
     )
     g.add_argument("--total-anneal-steps", type=int, help="updates until beta reaches 1")
@@ -116,8 +136,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _CONFIG_FLAGS = (
-    "model", "likelihood", "hidden_dims", "latent_dim", "dropout", "epochs", "min_updates",
-    "batch_size", "lr", "anneal_cap", "total_anneal_steps", "weight_decay", "patience", "device",
+    "model",
+    "likelihood",
+    "hidden_dims",
+    "latent_dim",
+    "dropout",
+    "epochs",
+    "min_updates",
+    "batch_size",
+    "lr",
+    "anneal_cap",
+    "total_anneal_steps",
+    "weight_decay",
+    "patience",
+    "device",
     "seed",
 )
 
@@ -150,8 +182,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(format_evaluation("test", trained.test))
     where = Path(args.out) / VERSIONS / str(trained.version)
-    print(f"wrote model version {trained.version} to {where}"
-          + ("" if args.no_promote else " (CURRENT)"))
+    print(
+        f"wrote model version {trained.version} to {where}"
+        + ("" if args.no_promote else " (CURRENT)")
+    )
     return 0
 
 
@@ -220,7 +254,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from training.compare import compare_versions
 
     result = compare_versions(
-        args.dir_a, args.dir_b, version_a=args.version_a, version_b=args.version_b,
+        args.dir_a,
+        args.dir_b,
+        version_a=args.version_a,
+        version_b=args.version_b,
         device=resolve_device(args.device),
     )
     regressed = result.regressed(args.metric, args.alpha, args.tolerance)
@@ -262,12 +299,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
-        "--baselines", type=_baseline_names, metavar="NAMES",
+        "--baselines",
+        type=_baseline_names,
+        metavar="NAMES",
         help="also score baselines on the same test users, e.g. popularity,ease,wmf "
         "(fitted on the training users: needs --data)",
     )
     p.add_argument(
-        "--report", action="store_true",
+        "--report",
+        action="store_true",
         help="write report.md, report.html and plots to MODEL_DIR/reports/<version>/",
     )
     p.set_defaults(func=cmd_evaluate)
@@ -285,7 +325,8 @@ def register(subparsers: Any) -> None:
         "--tolerance", type=float, default=0.0, help="allowed drop of the metric (B - A)"
     )
     p.add_argument(
-        "--fail-on-regression", action="store_true",
+        "--fail-on-regression",
+        action="store_true",
         help="exit 1 when B is significantly worse than A by more than --tolerance",
     )
     p.add_argument("--device", default="auto")
@@ -299,3 +340,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    # Imported here: training.retrain builds on this module's argument helpers.
+    from training.retrain import register_retrain
+
+    register_retrain(subparsers)

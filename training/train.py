@@ -136,6 +136,28 @@ def plan(config: TrainConfig, n_train_users: int) -> Plan:
 
 
 @dataclass
+class BetaSchedule:
+    """beta = min(cap, step / total_steps), optionally frozen once validation stops improving.
+
+    ``freeze_on_drop`` is the paper's single-run variant (Section 2.2.2): the first epoch whose
+    validation NDCG@100 is no better than the best so far fixes beta at the best epoch's value.
+    """
+
+    cap: float
+    total_steps: int
+    freeze_on_drop: bool = False
+    frozen: float | None = None
+
+    def __call__(self, step: int) -> float:
+        beta = min(self.cap, step / self.total_steps)
+        return beta if self.frozen is None else min(beta, self.frozen)
+
+    def observe(self, improved: bool, best_beta: float) -> None:
+        if self.freeze_on_drop and not improved and self.frozen is None:
+            self.frozen = best_beta
+
+
+@dataclass
 class EpochRecord:
     epoch: int
     updates: int
@@ -193,7 +215,7 @@ def _run(
     train = sp.csr_matrix(split.train, dtype=np.float32)
     updates, best, best_epoch, best_beta = 0, -1.0, 0, 0.0
     best_state: dict[str, torch.Tensor] = {}
-    frozen_beta: float | None = None
+    schedule = BetaSchedule(cap, sched.total_anneal_steps, freeze_on_drop)
     history: list[EpochRecord] = []
     stale = 0
     started = time.perf_counter()
@@ -205,9 +227,7 @@ def _run(
         for rows in _batches(train, sched.batch_size, rng):
             x = SparseRows.from_csr(train[rows], device)
             if config.model == "multvae":
-                beta = min(cap, updates / sched.total_anneal_steps)
-                if frozen_beta is not None:
-                    beta = min(beta, frozen_beta)
+                beta = schedule(updates)
             logits, mu, logvar = model(x)
             loss = model.neg_log_likelihood(logits, x)
             if logvar is not None:
@@ -240,13 +260,13 @@ def _run(
             ndcg=f"{ndcg:.4f}",
             users_s=f"{record.users_per_s:.0f}",
         )
-        if ndcg > best:
+        improved = ndcg > best
+        if improved:
             best, best_epoch, best_beta, stale = ndcg, epoch, beta, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             stale += 1
-            if freeze_on_drop and frozen_beta is None and config.model == "multvae":
-                frozen_beta = best_beta
+        schedule.observe(improved, best_beta)
         if sched.patience is not None and stale >= sched.patience:
             break
     bar.close()

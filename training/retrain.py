@@ -1,0 +1,406 @@
+"""``multvae retrain``: train a candidate, gate it against the served version, promote or keep.
+
+    lock MODEL_DIR ─> train + write candidate (promote=False) ─> compare with CURRENT
+        ─> promote (atomic CURRENT swap) | keep (candidate deleted) ─> GC ─> JSON report
+
+The gate is :func:`training.compare.compare_versions`: both versions score the test users
+that *both* held out (so neither has trained on them), on the clicks of items both know, each
+ranking only those shared items. When the data has not changed since the current version the
+split is the same and these are all of the new split's test users; when users were added the
+split is redrawn and the overlap is smaller, but a user the current model trained on never
+counts in its favour.
+
+Crash safety: the candidate is written with ``promote=False`` (temp dir + rename), and
+``CURRENT`` moves only through :func:`multvae.artifacts.set_current` (temp file + rename). A
+crash at any step therefore leaves ``CURRENT`` and the version it names untouched; a failed
+run removes its own unpromoted candidate, and one killed outright leaves at most a complete
+but unserved version, which garbage collection later removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from multvae.artifacts import VERSIONS, current_version, remove_old_versions, set_current
+from multvae.device import resolve_device
+from multvae.errors import MultVAEError
+from training.cli import (
+    add_data_arguments,
+    add_model_arguments,
+    spec_from_args,
+    train_config_from_args,
+)
+from training.compare import ComparisonResult, compare_versions
+from training.pipeline import DataSpec, TrainedVersion, train_and_write
+from training.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Exit codes, for cron, the k8s CronJob's podFailurePolicy and deploy/entrypoint-trainer.sh.
+EXIT_PROMOTED = 0  # the candidate now serves (or there was no current version)
+EXIT_FAILED = 1  # something went wrong; CURRENT is untouched
+EXIT_USAGE = 2  # invalid arguments (argparse); nothing was done
+EXIT_KEPT = 3  # the gate refused the candidate; the current version keeps serving
+
+METRICS = ("recall@20", "recall@50", "ndcg@100")
+REPORTS = "reports"
+LOCK_FILE = ".retrain.lock"
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Promote unless the candidate is worse than the current version by more than allowed.
+
+    ``absolute``: allowed drop = ``tolerance`` (in metric units, e.g. 0.01 NDCG@100).
+    ``relative``: allowed drop = ``tolerance`` x the current version's mean (0.02 = 2 %).
+    The gate is on the mean difference over the shared test users, not on significance: with
+    a few hundred users a real 0.02 drop is often "not significant", and the safe default for
+    a nightly job is to keep serving what is known to work. The p-value is reported beside it.
+    """
+
+    metric: str = "ndcg@100"
+    tolerance: float = 0.01
+    mode: str = "absolute"
+    force: bool = False  # promote even when refused or when the versions cannot be compared
+
+    def allowed_drop(self, current_mean: float) -> float:
+        return self.tolerance * current_mean if self.mode == "relative" else self.tolerance
+
+    def passes(self, current_mean: float, candidate_mean: float) -> bool:
+        return candidate_mean - current_mean >= -self.allowed_drop(current_mean)
+
+
+@dataclass
+class RetrainResult:
+    """What a run did; ``report`` is the JSON written to ``MODEL_DIR/reports``."""
+
+    decision: str  # promoted | kept | failed
+    exit_code: int
+    report: dict[str, Any]
+    report_path: Path | None = None
+    comparison: ComparisonResult | None = field(default=None, repr=False)
+
+
+class RetrainLockedError(MultVAEError):
+    """Another retrain holds the model directory's lock."""
+
+
+@contextlib.contextmanager
+def _exclusive(model_dir: Path) -> Iterator[None]:
+    # Two overlapping runs (a slow nightly job and a manual one) would each compare against
+    # the same CURRENT and the later swap would win blindly; one at a time per model dir.
+    fd = os.open(model_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RetrainLockedError(
+                f"another retrain is running on {model_dir} (it holds {LOCK_FILE}); "
+                "wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _write_report_atomically(model_dir: Path, started: datetime, report: dict[str, Any]) -> Path:
+    """``MODEL_DIR/reports/retrain-<UTC>.json``, written to a temp file and renamed."""
+    reports = model_dir / REPORTS
+    reports.mkdir(parents=True, exist_ok=True)
+    path = reports / f"retrain-{started.strftime('%Y%m%dT%H%M%S%fZ')}.json"
+    tmp = reports / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        with tmp.open("w") as fh:
+            json.dump(report, fh, indent=2, allow_nan=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _current_or_none(model_dir: Path) -> str | None:
+    # The report is written even when the model dir is unreadable; it then says "unknown".
+    try:
+        return current_version(model_dir)
+    except OSError:
+        return None
+
+
+def _discard(model_dir: Path, version: str | None) -> bool:
+    """Delete an unpromoted candidate; never the version CURRENT names."""
+    if version is None or _current_or_none(model_dir) == version:
+        return False
+    shutil.rmtree(model_dir / VERSIONS / version, ignore_errors=True)
+    return True
+
+
+def _gate_json(gate: Gate, comparison: ComparisonResult) -> dict[str, Any]:
+    a = comparison.a.summary()[gate.metric]["mean"]
+    b = comparison.b.summary()[gate.metric]["mean"]
+    test = comparison.tests[gate.metric]
+    return {
+        "current": a,
+        "candidate": b,
+        "diff": b - a,
+        "allowed_drop": gate.allowed_drop(a),
+        "p": test.p,
+        "passed": gate.passes(a, b),
+    }
+
+
+def retrain(
+    spec: DataSpec,
+    config: TrainConfig,
+    model_dir: Path | str,
+    gate: Gate | None = None,
+    *,
+    keep: int = 3,
+    keep_refused: bool = False,
+    progress: bool = False,
+) -> RetrainResult:
+    """One retraining run; never raises for a run that fails (the result says ``failed``)."""
+    gate = gate or Gate()
+    if gate.metric not in METRICS:
+        raise ValueError(f"gate metric {gate.metric!r} is not one of {', '.join(METRICS)}")
+    if gate.mode not in ("absolute", "relative"):
+        raise ValueError(f"tolerance mode {gate.mode!r} is not 'absolute' or 'relative'")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    model_dir = Path(model_dir)
+    started = _now()
+    tic = time.perf_counter()
+    report: dict[str, Any] = {
+        "started_at": started.isoformat(),
+        "model_dir": str(model_dir.resolve()),
+        "data": spec.to_dict(),
+        "gate": {
+            "metric": gate.metric,
+            "tolerance": gate.tolerance,
+            "mode": gate.mode,
+            "forced": gate.force,
+        },
+        "current_before": None,
+        "candidate": None,
+    }
+    comparison: ComparisonResult | None = None
+    candidate: str | None = None
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(model_dir):
+            current = current_version(model_dir)
+            report["current_before"] = current
+            trained = train_and_write(spec, config, model_dir, promote=False, progress=progress)
+            candidate = trained.version
+            report["candidate"] = candidate
+            report["candidate_own_split"] = _own_split_json(trained)
+            decision, reason, comparison = _decide(
+                model_dir, current, str(candidate), gate, config.device
+            )
+            report["reason"] = reason
+            if comparison is not None:
+                report["comparison"] = comparison.to_json()
+                report["gate"].update(_gate_json(gate, comparison))
+            if decision == "promoted":
+                set_current(model_dir, str(candidate))
+            else:
+                report["candidate_deleted"] = not keep_refused and _discard(model_dir, candidate)
+            report["removed_versions"] = _collect_garbage(model_dir, keep)
+            code = EXIT_PROMOTED if decision == "promoted" else EXIT_KEPT
+    except Exception as exc:  # a scheduler needs an exit code and a report, not a crash
+        if isinstance(exc, MultVAEError):  # expected: the message says what to fix
+            log.error("retrain failed: %s", exc)
+        else:
+            log.exception("retrain failed")
+        decision, code = "failed", EXIT_FAILED
+        report["reason"] = f"{type(exc).__name__}: {exc}"
+        report["candidate_deleted"] = _discard(model_dir, candidate)
+    report |= {
+        "decision": decision,
+        "exit_code": code,
+        "current_after": _current_or_none(model_dir),
+        "finished_at": _now().isoformat(),
+        "seconds": time.perf_counter() - tic,
+    }
+    report = _json_safe(report)
+    path = None
+    try:
+        path = _write_report_atomically(model_dir, started, report)
+    except OSError as exc:  # e.g. a full disk: the run has ended, its decision stands
+        log.error("could not write the retrain report into %s: %s", model_dir / REPORTS, exc)
+    return RetrainResult(decision, code, report, path, comparison)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf (a standard error over one user) as null: JSON has no NaN, and the report must
+    be written whatever the numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _decide(
+    model_dir: Path, current: str | None, candidate: str, gate: Gate, device: str
+) -> tuple[str, str, ComparisonResult | None]:
+    """(promoted | kept, why, the comparison when there was one)."""
+    if current is None:
+        return "promoted", "no current version: the first model is promoted", None
+    try:
+        comparison = compare_versions(
+            model_dir, model_dir, version_a=current, version_b=candidate,
+            device=resolve_device(device),
+        )  # fmt: skip
+    except MultVAEError as exc:
+        if gate.force:
+            return "promoted", f"forced; the versions could not be compared: {exc}", None
+        raise
+    g = _gate_json(gate, comparison)
+    verdict = (
+        f"{gate.metric} {g['candidate']:.4f} vs current {g['current']:.4f} "
+        f"(diff {g['diff']:+.4f}, allowed drop {g['allowed_drop']:.4f}, p {g['p']:.3g}) "
+        f"on {comparison.n_users} shared test users"
+    )
+    if g["passed"]:
+        return "promoted", f"gate passed: {verdict}", comparison
+    if gate.force:
+        return "promoted", f"forced past a refusal: {verdict}", comparison
+    return "kept", f"gate refused: {verdict}", comparison
+
+
+def _own_split_json(trained: TrainedVersion) -> dict[str, Any]:
+    """The candidate's metrics on its own split (informative: not what the gate compares)."""
+    return {
+        "validation": trained.validation.summary(),
+        "test": trained.test.summary(),
+        "split": trained.data.split.stats,
+    }
+
+
+def _collect_garbage(model_dir: Path, keep: int) -> list[str]:
+    # Housekeeping must not turn a promotion into a failure: log and go on.
+    try:
+        return remove_old_versions(model_dir, keep)
+    except OSError as exc:
+        log.warning("garbage collection of old versions failed: %s", exc)
+        return []
+
+
+# -- command line ------------------------------------------------------------------------
+
+EPILOG = f"""\
+exit codes:
+  {EXIT_PROMOTED}  promoted: the candidate is CURRENT (or was the first model)
+  {EXIT_FAILED}  failed: an error (data, training, comparison, disk); CURRENT is untouched
+  {EXIT_USAGE}  invalid arguments; nothing was done
+  {EXIT_KEPT}  kept: the gate refused the candidate; the current version keeps serving
+
+Every run writes MODEL_DIR/{REPORTS}/retrain-<UTC time>.json with the decision and both
+versions' metrics. A running service picks a promoted version up by itself (hot reload).
+"""
+
+
+def register_retrain(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "retrain",
+        help="train a new version, promote it only if it is not worse than CURRENT",
+        description=(
+            "Train a candidate version from the data, score it and the current version on "
+            "the test users both held out (clicks on items both know), and promote it "
+            "(atomic CURRENT swap) unless it is worse by more than the tolerance."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_arguments(p)
+    add_model_arguments(p)
+    p.add_argument("--model-dir", required=True, help="model directory (versions/ and CURRENT)")
+    g = p.add_argument_group("quality gate")
+    g.add_argument("--metric", default="ndcg@100", choices=METRICS, help="gate metric")
+    g.add_argument(
+        "--tolerance", type=float, default=0.01,
+        help="allowed drop of the metric versus CURRENT (default 0.01)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tolerance-mode", default="absolute", choices=("absolute", "relative"),
+        help="absolute: metric units; relative: a fraction of CURRENT's value",
+    )  # fmt: skip
+    g.add_argument(
+        "--force", action="store_true",
+        help="promote even when the gate refuses or the versions cannot be compared",
+    )  # fmt: skip
+    g = p.add_argument_group("housekeeping and output")
+    g.add_argument(
+        "--keep", type=int, default=3,
+        help="versions kept by garbage collection, besides CURRENT (default 3, at least 1)",
+    )  # fmt: skip
+    g.add_argument(
+        "--keep-refused", action="store_true",
+        help="leave a refused candidate under versions/ for inspection (default: delete it)",
+    )  # fmt: skip
+    g.add_argument("--json", action="store_true", help="print the JSON report")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_retrain)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    if args.keep < 1:
+        print(f"multvae retrain: error: --keep must be >= 1, got {args.keep}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.tolerance < 0:
+        print(
+            f"multvae retrain: error: --tolerance must be >= 0, got {args.tolerance}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    spec = spec_from_args(args)
+    config = train_config_from_args(args, spec)
+    gate = Gate(args.metric, args.tolerance, args.tolerance_mode, args.force)
+    result = retrain(
+        spec, config, args.model_dir, gate,
+        keep=args.keep, keep_refused=args.keep_refused, progress=not args.quiet,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.report, indent=2, allow_nan=False))
+    else:
+        print(format_result(result))
+    return result.exit_code
+
+
+def format_result(result: RetrainResult) -> str:
+    r = result.report
+    lines = []
+    if result.comparison is not None:
+        lines.append("A: the current version, B: the candidate")
+        lines.append(result.comparison.format())
+    lines.append(f"{result.decision.upper()}: {r.get('reason', '')}")
+    lines.append(f"serving: {r.get('current_after')} (was {r.get('current_before')})")
+    if r.get("removed_versions"):
+        lines.append(f"removed old versions: {', '.join(r['removed_versions'])}")
+    lines.append(f"report: {result.report_path or 'not written (see the log)'}")
+    return "\n".join(lines)
