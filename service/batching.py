@@ -1,0 +1,155 @@
+"""Micro-batching: concurrent requests share one forward pass, run off the event loop.
+
+A forward pass costs nearly the same for 1 or 32 histories (the decoder's last layer, K x I,
+dominates), so under load grouping is where the throughput comes from. The first waiting
+request bounds the wait: a batch starts when ``max_batch`` rows are waiting or when the
+oldest has waited ``wait_s``, whichever is first. While one pass runs, new requests queue
+and form the next batch. ``wait_s = 0`` turns grouping off: every request is its own pass.
+
+Inference always runs on one worker thread, so passes never compete with each other for the
+cores (torch already uses several threads inside one pass) and the event loop stays free to
+parse requests and answer cache hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from service.errors import NotReadyError
+from service.metrics import Metrics
+from service.recommender import Query, Ranked, ServingModel
+
+
+@dataclass
+class _Job:
+    model: ServingModel
+    queries: Sequence[Query]
+    future: asyncio.Future[list[Ranked]]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class MicroBatcher:
+    """Groups :meth:`submit` calls into forward passes; start in the lifespan, then stop."""
+
+    def __init__(self, metrics: Metrics, max_batch: int, wait_s: float) -> None:
+        self.metrics = metrics
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multvae-infer")
+        self._pending: deque[_Job] = deque()
+        self._pending_rows = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.wait_s > 0
+
+    def start(self) -> None:
+        if self.enabled and self._task is None:
+            self._task = asyncio.create_task(self._consume(), name="multvae-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        while self._pending:
+            job = self._pending.popleft()
+            if not job.future.done():
+                job.future.set_exception(NotReadyError("the service is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, model: ServingModel, queries: Sequence[Query]) -> list[Ranked]:
+        """Rankings for ``queries`` on ``model`` (the version the request started with)."""
+        if not self.enabled:
+            self.metrics.batch_wait.observe(0.0)
+            return await self._run(model, queries)
+        if self._task is None:
+            raise NotReadyError("the model is not loaded yet")
+        future: asyncio.Future[list[Ranked]] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Job(model, queries, future))
+        self._pending_rows += len(queries)
+        self._wakeup.set()
+        return await future
+
+    async def _run(self, model: ServingModel, queries: Sequence[Query]) -> list[Ranked]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._timed_rank, model, queries)
+
+    def _timed_rank(self, model: ServingModel, queries: Sequence[Query]) -> list[Ranked]:
+        tic = time.perf_counter()
+        ranked = model.rank(queries)
+        self.metrics.inference.observe(time.perf_counter() - tic)
+        self.metrics.batch_size.observe(len(queries))
+        return ranked
+
+    async def _gather(self) -> list[_Job]:
+        """Wait for the first job, then for more until the batch is full or the wait is up."""
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        deadline = self._pending[0].enqueued + self.wait_s
+        while self._pending_rows < self.max_batch:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                async with asyncio.timeout(remaining):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                break
+        # The first job always goes (a large /recommend/batch may exceed max_batch alone);
+        # later ones only while they fit.
+        jobs = [self._pending.popleft()]
+        rows = len(jobs[0].queries)
+        while self._pending and rows + len(self._pending[0].queries) <= self.max_batch:
+            job = self._pending.popleft()
+            jobs.append(job)
+            rows += len(job.queries)
+        self._pending_rows -= rows
+        return jobs
+
+    async def _consume(self) -> None:
+        while True:
+            jobs = await self._gather()
+            started = time.perf_counter()
+            for job in jobs:
+                self.metrics.batch_wait.observe(started - job.enqueued)
+            # A swap can leave jobs for two versions in one batch: one pass per version.
+            by_model: dict[int, list[_Job]] = {}
+            for job in jobs:
+                by_model.setdefault(id(job.model), []).append(job)
+            try:
+                for group in by_model.values():
+                    await self._execute(group)
+            except asyncio.CancelledError:
+                # Stopped mid-pass: nobody may be left waiting on a future that never resolves.
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(NotReadyError("the service is shutting down"))
+                raise
+
+    async def _execute(self, jobs: list[_Job]) -> None:
+        queries = [q for job in jobs for q in job.queries]
+        try:
+            ranked = await self._run(jobs[0].model, queries)
+        except Exception as exc:  # every waiting request must hear about the failure
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        start = 0
+        for job in jobs:
+            end = start + len(job.queries)
+            if not job.future.done():  # the client may have gone away
+                job.future.set_result(ranked[start:end])
+            start = end

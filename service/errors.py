@@ -1,0 +1,187 @@
+"""HTTP errors of the service and how every failure becomes a JSON ``{"detail": ...}`` body.
+
+    ServiceError                  base: an HTTP status and a message for the client
+     ├── MalformedJSONError       400  the body is not parseable JSON
+     ├── UnauthorizedError        401  API key missing or wrong (the key itself is never echoed)
+     ├── AdminDisabledError       403  /admin/* called while no MULTVAE_API_KEY is configured
+     ├── ReloadRefusedError       409  a reloaded version failed; the old one keeps serving
+     ├── BodyTooLargeError        413  the body exceeds MULTVAE_MAX_BODY_BYTES
+     ├── UnsupportedMediaError    415  the Content-Type is not application/json
+     ├── InvalidRequestError      422  one or more fields are invalid; ``errors`` lists each field
+     │    └── UnknownItemsError   422  strict mode: history ids the model does not know
+     └── NotReadyError            503  no model is loaded yet
+
+Framework errors are rendered the same way: query-parameter validation (422), unknown route
+(404) and wrong method (405). Unexpected exceptions become a JSON 500 in the request
+middleware (:mod:`service.middleware`); client input never reaches that path.
+Messages name the field and the value and say what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+@dataclass(frozen=True)
+class FieldError:
+    field: str  # "items[3]", "requests[0].n", "query.strict"
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class ServiceError(Exception):
+    """An error answered with ``status`` and a JSON body; see the module docstring."""
+
+    status = 500
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: Sequence[FieldError] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = list(errors) if errors else None
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"detail": self.detail}
+        if self.errors:
+            out["errors"] = [e.as_dict() for e in self.errors]
+        return out
+
+
+class MalformedJSONError(ServiceError):
+    status = 400
+
+
+class UnauthorizedError(ServiceError):
+    status = 401
+
+
+class AdminDisabledError(ServiceError):
+    status = 403
+
+
+class ReloadRefusedError(ServiceError):
+    status = 409
+
+
+class BodyTooLargeError(ServiceError):
+    status = 413
+
+
+class UnsupportedMediaError(ServiceError):
+    status = 415
+
+
+class InvalidRequestError(ServiceError):
+    status = 422
+
+    @classmethod
+    def of(cls, errors: Sequence[FieldError]) -> InvalidRequestError:
+        return cls("; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors)
+
+
+class UnknownItemsError(InvalidRequestError):
+    pass
+
+
+class NotReadyError(ServiceError):
+    status = 503
+
+
+def field_path(loc: Iterable[int | str]) -> str:
+    """``("requests", 0, "items", 3)`` -> ``"requests[0].items[3]"``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "body"
+
+
+def _shown(value: Any) -> str:
+    # In JSON spelling (true, null, "5"), as the client wrote it.
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def describe(error: dict[str, Any], accepted_fields: Sequence[str]) -> FieldError:
+    """One pydantic error as a field and a message that says what is accepted."""
+    loc = tuple(error.get("loc", ()))
+    field = field_path(loc)
+    kind = error.get("type", "")
+    value = error.get("input")
+    if kind == "missing":
+        message = "this field is required"
+    elif kind == "extra_forbidden":
+        message = f"unknown field; accepted fields are {', '.join(accepted_fields)}"
+    elif kind in ("model_type", "dict_type", "model_attributes_type"):
+        message = (
+            f"expected a JSON object with the fields {', '.join(accepted_fields)}, "
+            f"got {_shown(value)}"
+        )
+    elif kind == "list_type":
+        message = f"expected a JSON array, got {_shown(value)}"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        message = f"expected an integer, got {_shown(value)}"
+    elif kind == "greater_than_equal":
+        message = f"must be >= {error.get('ctx', {}).get('ge')}, got {_shown(value)}"
+    elif kind in ("bool_type", "bool_parsing"):
+        message = f"expected true or false, got {_shown(value)}"
+    elif kind == "item_id_type":
+        message = str(error.get("msg", "invalid item id"))
+    else:
+        message = f"{error.get('msg', 'invalid value')} (got {_shown(value)})"
+    return FieldError(field, message)
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Render every error as JSON with a ``detail``."""
+
+    async def service_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return _json(exc.status, exc.body(), exc.headers)
+
+    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
+        # Bodies are parsed by service.bodies; what arrives here are query parameters.
+        assert isinstance(exc, RequestValidationError)
+        errors = [describe(dict(e), ()) for e in exc.errors()]
+        return _json(422, InvalidRequestError.of(errors).body())
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 404:
+            detail = f"{request.url.path[:200]} is not an endpoint; see /docs for the API"
+        elif exc.status_code == 405:
+            allowed = headers.get("allow", headers.get("Allow", "?"))
+            detail = f"method {request.method} is not allowed here; allowed: {allowed}"
+        else:
+            detail = str(exc.detail)
+        return _json(exc.status_code, {"detail": detail}, headers)
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,0 +1,122 @@
+"""Per-request plumbing: request id, latency metrics, access log, JSON for unexpected errors.
+
+A plain ASGI middleware (not ``BaseHTTPMiddleware``) because it wraps every request and must
+stay cheap. It sits inside Starlette's error middleware, so it also turns an unexpected
+exception into a JSON 500 that still carries the request id.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+access_log = logging.getLogger("multvae.access")
+log = logging.getLogger("multvae.error")
+
+HEADER = b"x-request-id"
+# A client-supplied id is echoed only when it is short and printable, so it cannot inject
+# anything into headers or log lines.
+_VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+
+@dataclass
+class AccessInfo:
+    """Filled in by the handler (``request.state.access``) and logged after the response."""
+
+    request_id: str
+    cache: str | None = None  # "hit", "miss", "mixed" (batch), "off"
+    model_version: str | None = None
+
+
+# Generated ids: a random per-process prefix and a counter. Unique across replicas with
+# overwhelming probability, and no urandom syscall per request as uuid4 would make.
+_PREFIX = uuid.uuid4().hex[:16]
+_counter = itertools.count(1)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == HEADER and _VALID_ID.fullmatch(value):
+            return str(value.decode("ascii"))
+    return f"{_PREFIX}{next(_counter):016x}"
+
+
+class RequestMiddleware:
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_access: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_access = log_access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        tic = time.perf_counter()
+        info = AccessInfo(_request_id(scope))
+        scope.setdefault("state", {})["access"] = info
+        header = (HEADER, info.request_id.encode("ascii"))
+        status = 500
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                started = True
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error", extra={"request_id": info.request_id})
+            if not started:
+                body = orjson.dumps(
+                    {"detail": f"internal error; quote request id {info.request_id}"}
+                )
+                await send_with_id(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+            status = 500
+        finally:
+            self._record(scope, info, status, time.perf_counter() - tic)
+
+    def _record(self, scope: Scope, info: AccessInfo, status: int, seconds: float) -> None:
+        route: Any = scope.get("route")
+        # The template, never the raw path: a raw path is an unbounded label.
+        template = getattr(route, "path", None) or "unmatched"
+        method = scope["method"]
+        code = str(status)
+        self.metrics.requests.labels(template, method, code).inc()
+        self.metrics.latency.labels(template, method, code).observe(seconds)
+        if self.log_access:
+            access_log.info(
+                "request",
+                extra={
+                    "method": method,
+                    "route": template,
+                    "status": status,
+                    "latency_ms": round(seconds * 1000, 3),
+                    "cache": info.cache,
+                    "model_version": info.model_version,
+                    "request_id": info.request_id,
+                },
+            )

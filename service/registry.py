@@ -1,0 +1,152 @@
+"""The model being served, and hot reload to the version ``CURRENT`` names.
+
+A reload (from the poller, SIGHUP or ``POST /admin/reload``) loads, verifies and warms up the
+new version on a background thread while the old one keeps answering, then swaps one
+reference. A request reads that reference once, at its start, so requests in flight finish
+on the version they began with. A version that fails to load or verify is refused: the old
+one keeps serving, ``multvae_model_reloads_total{outcome="refused"}`` counts it and the log
+says why. The poller does not retry a refused version (it would fail the same way every few
+seconds); SIGHUP and the admin endpoint do, after someone has fixed the files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from multvae.artifacts import current_version, load_version
+from service.metrics import Metrics
+from service.recommender import ServingModel
+from service.settings import Settings
+
+log = logging.getLogger("multvae.registry")
+
+Trigger = Literal["startup", "poll", "sighup", "admin"]
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    outcome: Literal["reloaded", "unchanged", "refused"]
+    version: str  # the version serving after the attempt
+    requested: str | None  # the version CURRENT named
+    detail: str
+
+
+class ModelRegistry:
+    """Holds the served :class:`ServingModel`; all mutation happens on the event loop."""
+
+    def __init__(self, settings: Settings, device: torch.device, metrics: Metrics) -> None:
+        self.settings = settings
+        self.device = device
+        self.metrics = metrics
+        self.current: ServingModel | None = None
+        self.refused: dict[str, str] = {}  # version -> why, so the poller does not retry it
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._sighup = False
+
+    def _load(self, version: str | None) -> ServingModel:
+        """Blocking: read, verify, rebuild and warm up one version."""
+        loaded = load_version(self.settings.model_dir, version, self.device)
+        model = ServingModel(loaded, self.device)
+        if self.settings.warmup:
+            model.warm_up()
+        return model
+
+    def _swap(self, model: ServingModel, trigger: Trigger) -> None:
+        old = self.current
+        self.current = model
+        self.metrics.set_model(model.version, str(model.device), model.n_items, model.loaded_at)
+        self.metrics.reloads.labels("success", trigger).inc()
+        log.info(
+            "serving model version %s on %s (%d items; was %s; trigger %s)",
+            model.version, model.device, model.n_items, old.version if old else None, trigger,
+        )  # fmt: skip
+
+    async def load_initial(self) -> ServingModel:
+        """Load the version CURRENT names; failure here fails startup."""
+        async with self._lock:
+            model = await asyncio.to_thread(self._load, None)
+            self._swap(model, "startup")
+            return model
+
+    async def reload(self, trigger: Trigger) -> ReloadResult:
+        """Load CURRENT if it names a version other than the one being served."""
+        async with self._lock:
+            serving = self.current.version if self.current else ""
+            target = await asyncio.to_thread(current_version, self.settings.model_dir)
+            if target is None:
+                return self._refuse(None, "CURRENT is missing or empty", trigger)
+            if target == serving:
+                return ReloadResult("unchanged", serving, target, f"already serving {target}")
+            if trigger == "poll" and target in self.refused:
+                return ReloadResult("refused", serving, target, self.refused[target])
+            try:
+                model = await asyncio.to_thread(self._load, target)
+            except Exception as exc:  # any failure to load must leave the old model serving
+                return self._refuse(target, f"{type(exc).__name__}: {exc}", trigger)
+            self.refused.pop(target, None)
+            self._swap(model, trigger)
+            return ReloadResult("reloaded", model.version, target, f"now serving {target}")
+
+    def _refuse(self, target: str | None, why: str, trigger: Trigger) -> ReloadResult:
+        serving = self.current.version if self.current else ""
+        self.metrics.reloads.labels("refused", trigger).inc()
+        if target is not None:
+            self.refused[target] = why
+        log.error(
+            "refused model version %s (trigger %s), still serving %s: %s",
+            target, trigger, serving, why,
+        )  # fmt: skip
+        return ReloadResult("refused", serving, target, why)
+
+    # -- background triggers ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the CURRENT poller and the SIGHUP handler (main thread only)."""
+        interval = self.settings.reload_interval_s
+        if interval > 0 and self._poller is None:
+            self._poller = asyncio.create_task(self._poll(interval), name="multvae-reload-poll")
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
+        except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+            # Not the main thread (TestClient) or no SIGHUP (Windows): the other triggers remain.
+            log.debug("SIGHUP reload not available in this thread/platform")
+
+    def _on_sighup(self) -> None:
+        log.info("SIGHUP: reloading CURRENT")
+        task: asyncio.Task[object] = asyncio.create_task(self.reload("sighup"))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.reload("poll")
+            except Exception:  # the poller must survive anything, e.g. an unreadable dir
+                log.exception("polling CURRENT failed; will try again in %.1f s", interval)
+
+    async def stop(self) -> None:
+        if self._sighup:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._sighup = False
+        tasks: list[asyncio.Task[object] | asyncio.Task[None]] = [*self._tasks]
+        if self._poller is not None:
+            tasks.append(self._poller)
+            self._poller = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task

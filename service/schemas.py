@@ -1,0 +1,110 @@
+"""Request and response bodies of the HTTP API.
+
+Item ids are the dataset's own ids, always strings; a JSON integer is accepted and becomes its
+decimal string (``5`` and ``"5"`` are the same item). Floats, booleans, null, arrays and
+objects are rejected with the position of the offending id.
+
+Limits that depend on settings (max ``n``, history length) are checked by
+:func:`service.bodies.check_limits`, because a pydantic model is fixed at import time.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+
+ACCEPTED_ID = "a string or an integer"
+
+
+def _json_value(value: Any) -> str:
+    """A value described in JSON terms, since that is what the client sent."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    shown = repr(value)
+    return f"{shown if len(shown) <= 40 else shown[:37] + '...'} (a {type(value).__name__})"
+
+
+def _item_id(value: Any) -> str:
+    # bool is a subclass of int: true/false must not silently become the items "True"/"False".
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise PydanticCustomError(
+        "item_id_type",
+        "item ids must be {accepted}, got {got}",
+        {"accepted": ACCEPTED_ID, "got": _json_value(value)},
+    )
+
+
+ItemId = Annotated[str, BeforeValidator(_item_id)]
+
+
+class RecommendRequest(BaseModel):
+    """One click history to fold in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    items: list[ItemId] = Field(description="the user's clicked item ids (the history)")
+    n: Annotated[int, Field(strict=True, ge=1, description="how many items to return")] = 20
+    exclude: list[ItemId] = Field(
+        default_factory=list, description="item ids never to return (besides the history)"
+    )
+
+
+class BatchRequest(BaseModel):
+    """Many histories, answered in order from one forward pass."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: list[RecommendRequest]
+
+
+class ScoredItem(BaseModel):
+    item: str
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    """Ranked items; ``fallback`` is ``"popularity"`` when the history gave the model nothing."""
+
+    items: list[ScoredItem]
+    model_version: str
+    unknown_items: list[str]
+    fallback: str | None
+    cached: bool
+
+
+class BatchResponse(BaseModel):
+    results: list[RecommendResponse]
+
+
+class ModelInfo(BaseModel):
+    version: str
+    n_items: int
+    device: str
+    created_at: str
+    loaded_at: str
+    architecture: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+class ReloadResponse(BaseModel):
+    outcome: str  # "reloaded" or "unchanged"
+    version: str
+    detail: str
+
+
+class ErrorBody(BaseModel):
+    """Every error: ``detail`` says what was wrong and what is accepted."""
+
+    detail: str
+    errors: list[dict[str, str]] | None = None

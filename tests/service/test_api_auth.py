@@ -1,0 +1,94 @@
+"""The optional API key: /recommend* and /admin/* need it, probes stay open, never logged."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from service_support import IDS, Trained, make_settings
+
+from service import routes
+from service.app import create_app
+from service.logs import JsonFormatter
+
+SECRET = "k3y-Vq9-never-in-logs"
+
+
+@pytest.fixture
+def keyed(trained: Trained) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(trained.model_dir, api_key=SECRET))) as client:
+        yield client
+
+
+BODY = {"items": [IDS[0]]}
+BATCH = {"requests": [BODY]}
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"X-API-Key": "wrong"}, {"Authorization": f"Basic {SECRET}"}, {"X-API-Key": ""}],
+    ids=["none", "wrong", "wrong scheme", "empty"],
+)
+def test_recommend_refuses_without_the_right_key(
+    keyed: TestClient, headers: dict[str, str]
+) -> None:
+    for path, body in (("/recommend", BODY), ("/recommend/batch", BATCH)):
+        response = keyed.post(path, json=body, headers=headers)
+        assert response.status_code == 401
+        assert "X-API-Key" in response.json()["detail"]
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert SECRET not in response.text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-API-Key": SECRET}, {"Authorization": f"Bearer {SECRET}"}],
+    ids=["header", "bearer"],
+)
+def test_the_right_key_is_accepted(keyed: TestClient, headers: dict[str, str]) -> None:
+    assert keyed.post("/recommend", json=BODY, headers=headers).status_code == 200
+    assert keyed.post("/recommend/batch", json=BATCH, headers=headers).status_code == 200
+
+
+def test_the_key_is_checked_before_the_body(keyed: TestClient) -> None:
+    # An unauthenticated client learns nothing about what a valid body looks like.
+    assert keyed.post("/recommend", content=b"{", headers={}).status_code == 401
+
+
+def test_probes_and_metrics_stay_open(keyed: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/metrics", "/model"):
+        assert keyed.get(path).status_code == 200, path
+
+
+def test_without_a_configured_key_recommend_is_open(client: TestClient) -> None:
+    assert client.post("/recommend", json=BODY).status_code == 200
+
+
+def test_comparison_is_constant_time(keyed: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = routes.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(routes.hmac, "compare_digest", spy)
+    keyed.post("/recommend", json=BODY, headers={"X-API-Key": "guess"})
+    assert calls == [(b"guess", SECRET.encode())]
+
+
+def test_the_key_is_never_logged(trained: Trained, caplog: pytest.LogCaptureFixture) -> None:
+    formatter = JsonFormatter()
+    with caplog.at_level(logging.DEBUG):
+        settings = make_settings(trained.model_dir, api_key=SECRET)
+        with TestClient(create_app(settings)) as client:
+            client.post("/recommend", json=BODY, headers={"X-API-Key": SECRET})
+            client.post("/recommend", json=BODY, headers={"X-API-Key": SECRET + "x"})
+            client.post("/admin/reload", headers={"Authorization": f"Bearer {SECRET}"})
+    assert caplog.records  # the access log did write lines
+    for record in caplog.records:
+        assert SECRET not in formatter.format(record)
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings.model_dump())

@@ -1,0 +1,186 @@
+"""One contract for every cache backend (in-process LRU and a real private redis-server), plus
+the guard that turns backend failures into counted misses."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from service_support import RedisServer, free_port
+
+from service.cache import Cache, CacheError, GuardedCache, MemoryCache, RedisCache, cache_key
+from service.metrics import Metrics
+from service.recommender import Query
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_cache(request: pytest.FixtureRequest) -> Callable[[], Cache]:
+    """A factory, so the Redis client is created inside the test's own event loop."""
+    if request.param == "memory":
+        return lambda: MemoryCache(max_entries=1000)
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return lambda: RedisCache(server.url, timeout_s=1.0)
+
+
+def _key() -> str:
+    return f"test:{uuid.uuid4().hex}"  # tests share one Redis: never the same key twice
+
+
+async def test_a_missing_key_is_none(make_cache: Callable[[], Cache]) -> None:
+    cache = make_cache()
+    assert await cache.get(_key()) is None
+    await cache.close()
+
+
+async def test_values_round_trip_byte_for_byte(make_cache: Callable[[], Cache]) -> None:
+    cache = make_cache()
+    key, value = _key(), b'{"items": []}\x00\xff\xfe binary'
+    await cache.set(key, value, ttl_s=60)
+    assert await cache.get(key) == value
+    await cache.close()
+
+
+async def test_set_replaces_and_keys_are_independent(make_cache: Callable[[], Cache]) -> None:
+    cache = make_cache()
+    a, b = _key(), _key()
+    await cache.set(a, b"one", ttl_s=60)
+    await cache.set(b, b"other", ttl_s=60)
+    await cache.set(a, b"two", ttl_s=60)
+    assert await cache.get(a) == b"two"
+    assert await cache.get(b) == b"other"
+    await cache.close()
+
+
+async def test_entries_expire_after_their_ttl(make_cache: Callable[[], Cache]) -> None:
+    cache = make_cache()
+    short, long = _key(), _key()
+    await cache.set(short, b"x", ttl_s=0.2)
+    await cache.set(long, b"y", ttl_s=60)
+    await asyncio.sleep(0.5)
+    assert await cache.get(short) is None
+    assert await cache.get(long) == b"y"
+    await cache.close()
+
+
+async def test_memory_cache_evicts_the_least_recently_used() -> None:
+    cache = MemoryCache(max_entries=2)
+    await cache.set("a", b"1", 60)
+    await cache.set("b", b"2", 60)
+    assert await cache.get("a") == b"1"  # a is now more recent than b
+    await cache.set("c", b"3", 60)
+    assert await cache.get("b") is None
+    assert await cache.get("a") == b"1"
+    assert len(cache) == 2
+
+
+async def test_memory_cache_ttl_with_a_fake_clock() -> None:
+    now = [100.0]
+    cache = MemoryCache(max_entries=10, clock=lambda: now[0])
+    await cache.set("k", b"v", ttl_s=5)
+    now[0] = 104.9
+    assert await cache.get("k") == b"v"
+    now[0] = 105.0
+    assert await cache.get("k") is None
+    assert len(cache) == 0
+
+
+async def test_redis_errors_are_cache_errors() -> None:
+    cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)  # nobody listens
+    with pytest.raises(CacheError, match="redis GET failed"):
+        await cache.get("k")
+    with pytest.raises(CacheError, match="redis SET failed"):
+        await cache.set("k", b"v", 1)
+    await cache.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers: a hung Redis."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield int(s.getsockname()[1])
+
+
+async def test_a_hung_redis_times_out(silent_server: int) -> None:
+    cache = RedisCache(f"redis://127.0.0.1:{silent_server}/0", timeout_s=0.1)
+    with pytest.raises(CacheError):
+        await cache.get("k")
+    await cache.close()
+
+
+class _Flaky:
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = True
+        self.data: dict[str, bytes] = {}
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        if self.fail:
+            raise CacheError("down")
+        return self.data.get(key)
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.calls += 1
+        if self.fail:
+            raise CacheError("down")
+        self.data[key] = value
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_guard_counts_failures_and_opens_a_circuit() -> None:
+    now = [0.0]
+    backend, metrics = _Flaky(), Metrics()
+    guard = GuardedCache(backend, metrics, breaker_s=5.0, clock=lambda: now[0])
+    sample = metrics.registry.get_sample_value
+
+    assert await guard.get("k") is None  # the failure is a miss, not an exception
+    assert sample("multvae_cache_errors_total", {"operation": "get"}) == 1
+    assert await guard.get("k") is None  # circuit open: the backend is not asked
+    await guard.set("k", b"v", 60)
+    assert backend.calls == 1
+    assert sample("multvae_cache_bypassed_total") == 2
+
+    backend.fail = False
+    now[0] = 5.1  # the breaker period is over: try the backend again
+    await guard.set("k", b"v", 60)
+    assert await guard.get("k") == b"v"
+    assert await guard.get("other") is None
+    assert sample("multvae_cache_hits_total") == 1
+    assert sample("multvae_cache_misses_total") == 1
+    assert sample("multvae_cache_errors_total", {"operation": "get"}) == 1
+
+
+def _query(history: list[int], n: int, exclude: list[int]) -> Query:
+    return Query(np.array(history, dtype=np.int64), n, np.array(exclude, dtype=np.int64))
+
+
+def test_cache_key_ignores_order_and_separates_everything_else() -> None:
+    base = cache_key("p", "v1", _query([3, 1, 2], 10, [7, 5]))
+    assert base.startswith("p:v1:")
+    assert base == cache_key("p", "v1", _query([2, 3, 1], 10, [5, 7, 7]))
+    different = [
+        cache_key("p", "v2", _query([1, 2, 3], 10, [5, 7])),  # another model version
+        cache_key("q", "v1", _query([1, 2, 3], 10, [5, 7])),  # another prefix
+        cache_key("p", "v1", _query([1, 2, 3], 11, [5, 7])),  # another n
+        cache_key("p", "v1", _query([1, 2, 3], 10, [5])),  # another exclude
+        cache_key("p", "v1", _query([1, 2], 10, [3, 5, 7])),  # a column moved across
+        cache_key("p", "v1", _query([], 10, [1, 2, 3, 5, 7])),
+    ]
+    assert len({base, *different}) == 1 + len(different)

@@ -1,0 +1,132 @@
+"""The micro-batcher on a fake model: grouping, bounds, order, errors, threads."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.batching import MicroBatcher
+from service.errors import NotReadyError
+from service.metrics import Metrics
+from service.recommender import Query, Ranked
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class FakeModel:
+    """Echoes each query's n back as its only item; records every pass."""
+
+    def __init__(self, name: str = "m", fail: bool = False) -> None:
+        self.name = name
+        self.fail = fail
+        self.passes: list[int] = []
+        self.threads: set[int] = set()
+
+    def rank(self, queries: Sequence[Query]) -> list[Ranked]:
+        self.threads.add(threading.get_ident())
+        self.passes.append(len(queries))
+        if self.fail:
+            raise RuntimeError("forward pass exploded")
+        return [Ranked([f"{self.name}{q.n}"], [float(q.n)], None) for q in queries]
+
+
+def _q(n: int) -> Query:
+    return Query(np.array([1], dtype=np.int64), n, np.zeros(0, dtype=np.int64))
+
+
+async def _run(batcher: MicroBatcher, jobs: list[tuple[Any, list[int]]]) -> list[list[str]]:
+    batcher.start()
+    try:
+        results = await asyncio.gather(
+            *(batcher.submit(model, [_q(n) for n in ns]) for model, ns in jobs)
+        )
+        return [[r.items[0] for r in ranked] for ranked in results]
+    finally:
+        await batcher.stop()
+
+
+async def test_concurrent_requests_share_one_pass_and_keep_their_results() -> None:
+    model, metrics = FakeModel(), Metrics()
+    # A long wait, but the batch is full at 10 rows, so it starts at once.
+    batcher = MicroBatcher(metrics, max_batch=10, wait_s=10.0)
+    results = await _run(batcher, [(model, [i]) for i in range(10)])
+    assert model.passes == [10]
+    assert results == [[f"m{i}"] for i in range(10)]
+    assert metrics.registry.get_sample_value("multvae_batch_size_sum") == 10
+    assert metrics.registry.get_sample_value("multvae_inference_seconds_count") == 1
+
+
+async def test_batches_never_exceed_max_batch() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=10, wait_s=0.01)
+    results = await _run(batcher, [(model, [i]) for i in range(25)])
+    assert sum(model.passes) == 25
+    assert max(model.passes) <= 10
+    assert results == [[f"m{i}"] for i in range(25)]
+
+
+async def test_wait_zero_turns_grouping_off() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=64, wait_s=0.0)
+    assert not batcher.enabled
+    results = await _run(batcher, [(model, [i]) for i in range(6)])
+    assert model.passes == [1] * 6
+    assert results == [[f"m{i}"] for i in range(6)]
+
+
+async def test_a_group_larger_than_max_batch_is_one_pass() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=4, wait_s=0.01)
+    results = await _run(batcher, [(model, list(range(9))), (model, [100])])
+    assert model.passes == [9, 1]  # the big group alone; the next one waits for its own pass
+    assert results == [[f"m{i}" for i in range(9)], ["m100"]]
+
+
+async def test_two_model_versions_in_one_batch_get_one_pass_each() -> None:
+    old, new = FakeModel("old"), FakeModel("new")
+    batcher = MicroBatcher(Metrics(), max_batch=4, wait_s=10.0)
+    results = await _run(batcher, [(old, [1]), (new, [2]), (old, [3]), (new, [4])])
+    assert (old.passes, new.passes) == ([2], [2])
+    assert results == [["old1"], ["new2"], ["old3"], ["new4"]]
+
+
+async def test_inference_runs_off_the_event_loop_thread() -> None:
+    model = FakeModel()
+    for wait in (0.0, 0.001):
+        await _run(MicroBatcher(Metrics(), max_batch=8, wait_s=wait), [(model, [1])])
+    assert threading.get_ident() not in model.threads
+
+
+async def test_a_failed_pass_fails_its_requests_and_the_batcher_goes_on() -> None:
+    bad, good = FakeModel("bad", fail=True), FakeModel("good")
+    batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=10.0)
+    batcher.start()
+    try:
+        failed = await asyncio.gather(
+            batcher.submit(bad, [_q(1)]), batcher.submit(bad, [_q(2)]), return_exceptions=True
+        )
+        assert [str(e) for e in failed] == ["forward pass exploded"] * 2
+        ok = await asyncio.gather(batcher.submit(good, [_q(3)]), batcher.submit(good, [_q(4)]))
+        assert [r[0].items for r in ok] == [["good3"], ["good4"]]
+    finally:
+        await batcher.stop()
+
+
+async def test_stop_fails_waiting_requests() -> None:
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0)
+    batcher.start()
+    waiting = asyncio.ensure_future(batcher.submit(FakeModel(), [_q(1)]))
+    await asyncio.sleep(0)  # let it enqueue
+    await batcher.stop()
+    with pytest.raises(NotReadyError, match="shutting down"):
+        await waiting

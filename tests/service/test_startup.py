@@ -1,0 +1,93 @@
+"""Startup: device selection, a missing model, the serve command's early errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from service_support import Trained, make_settings
+
+from multvae.cli import main
+from multvae.errors import DeviceError, NoModelError
+from service.app import create_app
+from service.settings import usable_cpus
+
+no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a CUDA GPU")
+
+
+@no_gpu
+def test_auto_picks_the_cpu_without_a_gpu(trained: Trained) -> None:
+    with TestClient(create_app(make_settings(trained.model_dir, device="auto"))) as client:
+        assert client.get("/model").json()["device"] == "cpu"
+        assert client.post("/recommend", json={"items": []}).status_code == 200
+
+
+@no_gpu
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_fails_startup_clearly(trained: Trained, device: str) -> None:
+    app = create_app(make_settings(trained.model_dir, device=device))
+    with pytest.raises(DeviceError, match="no CUDA GPU"), TestClient(app):
+        pass
+
+
+def test_an_unknown_device_fails_startup(trained: Trained) -> None:
+    app = create_app(make_settings(trained.model_dir, device="tpu"))
+    with pytest.raises(DeviceError, match="not one of: auto, cpu, cuda, cuda:N"), TestClient(app):
+        pass
+
+
+def test_no_model_fails_startup(tmp_path: Path) -> None:
+    with (
+        pytest.raises(NoModelError, match="no CURRENT"),
+        TestClient(create_app(make_settings(tmp_path))),
+    ):
+        pass
+
+
+@no_gpu
+def test_serve_refuses_cuda_before_binding(
+    trained: Trained, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["serve", "--model-dir", str(trained.model_dir), "--device", "cuda", "--port", "1"])
+    assert code == 2
+    assert "multvae serve: error: device 'cuda' was requested" in capsys.readouterr().err
+
+
+def test_serve_without_a_model_says_how_to_get_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["serve", "--model-dir", str(tmp_path), "--device", "cpu", "--port", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "has no CURRENT model version" in err
+    assert "multvae train" in err
+
+
+def test_settings_come_from_the_environment(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MULTVAE_MODEL_DIR", str(trained.model_dir))
+    monkeypatch.setenv("MULTVAE_DEVICE", "cpu")
+    monkeypatch.setenv("MULTVAE_MAX_N", "7")
+    monkeypatch.setenv("MULTVAE_REDIS_URL", "")  # empty means "no Redis", not an error
+    monkeypatch.setenv("MULTVAE_RELOAD_INTERVAL_S", "0")
+    with TestClient(create_app()) as client:
+        assert client.app.state.settings.redis_url is None  # type: ignore[attr-defined]
+        response = client.post("/recommend", json={"items": [], "n": 8})
+        assert response.status_code == 422
+        assert "MULTVAE_MAX_N" in response.json()["detail"]
+
+
+def test_usable_cpus_honours_a_cgroup_quota(tmp_path: Path) -> None:
+    unlimited = usable_cpus(tmp_path / "missing")
+    assert unlimited >= 1
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs -> 2
+    assert usable_cpus(quota) == min(2, unlimited)
+    quota.write_text("max 100000\n")
+    assert usable_cpus(quota) == unlimited
+    quota.write_text("garbage\n")
+    assert usable_cpus(quota) == unlimited
+    assert make_settings(tmp_path, torch_threads=3).inference_threads() == 3
