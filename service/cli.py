@@ -19,7 +19,8 @@ def register(subparsers: Any) -> None:
         help="serve recommendations over HTTP",
         description=(
             "Serve POST /recommend from the model version CURRENT names in --model-dir. "
-            "Every option also reads its MULTVAE_* environment variable (see docs/serving.md); "
+            "Every option also reads its MULTVAE_* environment variable (see the README's "
+            "Serving section); "
             "options given here win."
         ),
     )

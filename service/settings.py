@@ -31,7 +31,7 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 class Settings(BaseSettings):
-    """Every knob of the online service; see docs/serving.md for the table of variables."""
+    """Every knob of the online service; the README's Serving section has the table."""
 
     model_config = SettingsConfigDict(env_prefix="MULTVAE_", extra="ignore", frozen=True)
 

@@ -37,7 +37,6 @@ DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 CI_SETUP = ROOT / "deploy" / "ci-setup.sh"
 TRAINER = ROOT / "deploy" / "entrypoint-trainer.sh"
-DOCS = ROOT / "docs" / "deploy.md"
 README = ROOT / "README.md"
 
 
@@ -79,9 +78,9 @@ def load_yaml(path: Path) -> Any:
 
 
 def docs_with_deploy_section() -> list[Path]:
-    """docs/deploy.md, and README.md once the Deploy section is merged into it."""
-    found = [p for p in (DOCS, README) if p.is_file() and "## Deploy" in p.read_text()]
-    assert found, "no Deploy section in docs/deploy.md or README.md"
+    """README.md, which carries the Deploy section."""
+    found = [p for p in (README,) if p.is_file() and "## Deploy" in p.read_text()]
+    assert found, "no Deploy section in README.md"
     return found
 
 
