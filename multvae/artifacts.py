@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from multvae import __version__
-from multvae.errors import NoModelError, VerificationError
+from multvae.errors import ArtifactError, NoModelError, VerificationError
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE
 
@@ -40,6 +41,7 @@ MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 VERSIONS = "versions"
 FILES = (WEIGHTS, CONFIG, ITEMS, METRICS)
+STALE_TMP_SECONDS = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -159,10 +161,15 @@ def set_current(model_dir: Path | str, version: str) -> None:
 
 def current_version(model_dir: Path | str) -> str | None:
     """The version ``CURRENT`` names, or None when there is no pointer."""
+    path = Path(model_dir) / CURRENT
     try:
-        name = (Path(model_dir) / CURRENT).read_text().strip()
+        name = path.read_text().strip()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(
+            f"{path} cannot be read ({exc}); it must hold one version name"
+        ) from exc
     return name or None
 
 
@@ -233,7 +240,10 @@ def load_version(
 
 
 def remove_old_versions(model_dir: Path | str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names."""
+    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names.
+
+    Temporary directories left by an interrupted write are removed after six hours.
+    """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     current = current_version(model_dir)
@@ -241,4 +251,10 @@ def remove_old_versions(model_dir: Path | str, keep: int) -> list[str]:
     removable = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
     for version in removable:
         shutil.rmtree(Path(model_dir) / VERSIONS / version)
+    # Half-written versions of a killed trainer never become visible; reclaim their space
+    # once they are old enough that no writer can still be filling them.
+    cutoff = time.time() - STALE_TMP_SECONDS
+    for tmp in (Path(model_dir) / VERSIONS).glob(".tmp-*"):
+        if tmp.stat().st_mtime < cutoff:
+            shutil.rmtree(tmp, ignore_errors=True)
     return removable

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except MultVAEError as exc:
         print(f"multvae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         print(f"multvae {args.command}: interrupted", file=sys.stderr)
         return 130

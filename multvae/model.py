@@ -32,8 +32,8 @@ Likelihood = Literal["multinomial", "gaussian", "logistic"]
 class ModelConfig:
     """Architecture, with the paper's names: ``p_dims`` is the generative model [K, ..., I]."""
 
+    p_dims: tuple[int, ...]  # [K, ..., I]: the last entry is the item count
     kind: ModelKind = "multvae"
-    p_dims: tuple[int, ...] = (200, 600, 0)  # last entry is the item count I
     q_dims: tuple[int, ...] | None = None  # inference model [I, ..., K]; None = reversed p_dims
     dropout: float = 0.5  # on the L2-normalised input, training only
     likelihood: Likelihood = "multinomial"

@@ -8,6 +8,7 @@ min(|held-out|, k) items.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -79,11 +80,15 @@ def per_user_metrics(
     return out
 
 
-def summarise(per_user: dict[str, NDArray[np.float64]]) -> dict[str, dict[str, float]]:
-    """Mean and standard error of each per-user metric."""
-    out: dict[str, dict[str, float]] = {}
-    for name, values in per_user.items():
-        n = len(values)
-        se = float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-        out[name] = {"mean": float(values.mean()), "se": se, "n": n}
-    return out
+def standard_error(values: NDArray[np.float64]) -> float | None:
+    """Standard error of the mean; None (JSON null, not NaN) when it is undefined (n < 2)."""
+    n = len(values)
+    return float(values.std(ddof=1) / np.sqrt(n)) if n > 1 else None
+
+
+def summarise(per_user: dict[str, NDArray[np.float64]]) -> dict[str, dict[str, Any]]:
+    """Mean, standard error and user count of each per-user metric."""
+    return {
+        name: {"mean": float(values.mean()), "se": standard_error(values), "n": len(values)}
+        for name, values in per_user.items()
+    }

@@ -14,8 +14,9 @@ from multvae.errors import DataError, TrainingError
 from training.evaluate import HELDOUT_FILE, evaluate_model, format_evaluation, load_heldout
 from training.pipeline import DataSpec, split_for_version, train_and_write, train_config_for
 from training.preprocess import PRESETS
+from training.readers import ALIASES, FORMATS
 
-FORMATS = ("auto", "ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
+FORMAT_CHOICES = ("auto", *FORMATS, *ALIASES)
 
 
 def _anneal_cap(text: str) -> float | str:
@@ -29,6 +30,16 @@ def _anneal_cap(text: str) -> float | str:
         ) from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"anneal cap {value} is outside [0, 1]")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
     return value
 
 
@@ -62,22 +73,33 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     """--data/--format/--*-col/--preset and the filter and split flags (shared with retrain)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=required, help="interaction file (or Netflix directory)")
-    g.add_argument("--format", default="auto", choices=FORMATS)
+    g.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     g.add_argument("--user-col", help="user column of a generic CSV/TSV/Parquet file")
     g.add_argument("--item-col", help="item column of a generic CSV/TSV/Parquet file")
-    g.add_argument("--rating-col", help="rating or count column (optional)")
+    g.add_argument("--rating-col", help="explicit rating column (binarised at --min-rating)")
+    g.add_argument(
+        "--count-col", help="play/click count column: every row with a count is a click"
+    )
     g.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         help="ml-20m, netflix, msd: the paper's Table 1 preprocessing, held-out users and "
         "training schedule; ml-100k, ml-latest-small: the split of REFERENCE.md",
     )
-    g.add_argument("--min-rating", type=float, help="keep ratings > this (default 3.5)")
+    g.add_argument(
+        "--min-rating", type=float,
+        help="keep ratings > this (default 3.5 when the file has ratings; files of clicks "
+        "or counts keep every row)",
+    )
     g.add_argument(
         "--keep-all-ratings", action="store_true", help="do not binarise: every row is a click"
     )
-    g.add_argument("--min-user-clicks", type=int, help="drop users with fewer (default 5)")
-    g.add_argument("--min-item-users", type=int, help="drop items with fewer users (default 0)")
+    g.add_argument(
+        "--min-user-clicks", type=_positive, help="drop users with fewer (default 5)"
+    )
+    g.add_argument(
+        "--min-item-users", type=_positive, help="drop items with fewer users (default 0)"
+    )
     g.add_argument(
         "--heldout-users",
         type=_heldout,
@@ -94,6 +116,7 @@ def spec_from_args(args: argparse.Namespace) -> DataSpec:
         user_col=args.user_col,
         item_col=args.item_col,
         rating_col=args.rating_col,
+        count_col=args.count_col,
         preset=args.preset,
         min_rating=args.min_rating,
         keep_all_ratings=args.keep_all_ratings,
@@ -117,20 +140,37 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for a VAE with >= 10,000 "
         "training users, none below and for the DAE)",
     )
-    g.add_argument("--latent-dim", type=int, help="K (default 200)")
+    g.add_argument("--latent-dim", type=_positive, help="K (default 200)")
     g.add_argument("--dropout", type=float, help="input dropout (default 0.5)")
-    g.add_argument("--epochs", type=int, help="epochs (default: from --min-updates)")
-    g.add_argument("--min-updates", type=int, help="train at least this many updates")
-    g.add_argument("--batch-size", type=int, help="users per batch (default adapts, <= 500)")
+    g.add_argument(
+        "--epochs", type=_positive,
+        help="epochs (default: 200 / 100 under the paper presets, else enough for "
+        "--min-updates, between 100 and 1000)",
+    )
+    g.add_argument(
+        "--min-updates", type=_positive, help="train at least this many updates (default 2000)"
+    )
+    g.add_argument(
+        "--batch-size", type=_positive,
+        help="users per batch (default 500 under the paper presets, else <= 500 split evenly)",
+    )
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     g.add_argument(
         "--anneal-cap",
         type=_anneal_cap,
         help="beta cap in [0, 1], 'auto' (anneal to 1, retrain to the peak) or 'auto-single'",
     )
-    g.add_argument("--total-anneal-steps", type=int, help="updates until beta reaches 1")
+    g.add_argument(
+        "--total-anneal-steps", type=_positive,
+        help="updates until beta would reach 1 (default 200,000 under the paper presets, else "
+        "scaled so beta reaches its cap half-way through training)",
+    )
     g.add_argument("--weight-decay", type=float, help="L2 weight (default 0.01 DAE, 0 VAE)")
-    g.add_argument("--patience", type=int, help="epochs without validation gain before stopping")
+    g.add_argument(
+        "--patience", type=_positive,
+        help="stop after this many epochs without validation gain (default: an eighth of the "
+        "epochs, at least 20; none under the paper presets)",
+    )
     g.add_argument("--no-early-stopping", action="store_true")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from multvae.errors import DataError
 from multvae.model import MultVAE
-from multvae.ranking import per_user_metrics, summarise
+from multvae.ranking import per_user_metrics, standard_error, summarise
 from multvae.recommend import topk_rows
 from training.dataset import HeldOut
 
@@ -37,7 +37,7 @@ class Evaluation:
     def n_users(self) -> int:
         return len(self.fold_in_sizes)
 
-    def summary(self) -> dict[str, dict[str, float]]:
+    def summary(self) -> dict[str, dict[str, Any]]:
         """Mean, standard error and count of each metric."""
         return summarise(self.per_user)
 
@@ -49,7 +49,6 @@ class Evaluation:
             if not len(members):
                 continue
             values = self.per_user[metric][members]
-            se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
             sizes = self.fold_in_sizes[members]
             out.append(
                 {
@@ -58,7 +57,7 @@ class Evaluation:
                     "min_clicks": int(sizes.min()),
                     "max_clicks": int(sizes.max()),
                     "mean": float(values.mean()),
-                    "se": float(se),
+                    "se": standard_error(values),
                 }
             )
         return out
@@ -80,17 +79,21 @@ def evaluate_model(model: MultVAE, heldout: HeldOut) -> Evaluation:
     return evaluate_topk(topk_rows(model, heldout.fold_in, TOP_K), heldout)
 
 
+def _se(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def format_evaluation(name: str, evaluation: Evaluation) -> str:
     """Human-readable metrics with standard errors and the activity breakdown."""
     summary = evaluation.summary()
     lines = [f"{name}: {evaluation.n_users} test users"]
     for metric, stats in summary.items():
-        lines.append(f"  {metric:<10} {stats['mean']:.4f} ± {stats['se']:.4f}")
+        lines.append(f"  {metric:<10} {stats['mean']:.4f} ± {_se(stats['se'])}")
     lines.append("  NDCG@100 by fold-in activity quintile:")
     for q in evaluation.quintiles():
         lines.append(
             f"    Q{q['quintile']} ({q['min_clicks']}-{q['max_clicks']} clicks, "
-            f"{q['users']} users): {q['mean']:.4f} ± {q['se']:.4f}"
+            f"{q['users']} users): {q['mean']:.4f} ± {_se(q['se'])}"
         )
     return "\n".join(lines)
 

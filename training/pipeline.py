@@ -38,6 +38,7 @@ class DataSpec:
     user_col: str | None = None
     item_col: str | None = None
     rating_col: str | None = None
+    count_col: str | None = None  # counts are clicks: never thresholded like ratings
     preset: str | None = None
     min_rating: float | None = None
     keep_all_ratings: bool = False  # binarise nothing, even when the file has ratings
@@ -90,10 +91,12 @@ def prepare(spec: DataSpec) -> PreparedData:
     tic = time.perf_counter()
     raw = read_interactions(
         spec.path, spec.format,
-        user_col=spec.user_col, item_col=spec.item_col, rating_col=spec.rating_col,
+        user_col=spec.user_col, item_col=spec.item_col,
+        rating_col=spec.count_col or spec.rating_col,
     )
-    # MSD play counts are clicks, not ratings: binarise them without a threshold.
-    prep, heldout = preprocessing_for(spec, raw.value is not None and raw.source != "msd")
+    # Play counts (MSD, --count-col) are clicks, not ratings: binarise them without a threshold.
+    has_ratings = raw.value is not None and raw.source != "msd" and spec.count_col is None
+    prep, heldout = preprocessing_for(spec, has_ratings)
     kept, stats = filter_interactions(raw, prep)
     del raw
     n_heldout: int | float | None = heldout
@@ -109,7 +112,7 @@ def train_config_for(spec: DataSpec, **overrides: Any) -> TrainConfig:
     """The paper's exact training schedule under a paper preset, the adaptive defaults else."""
     preset = PRESETS.get(spec.preset or "")
     if preset is not None and preset.paper_epochs is not None:
-        return TrainConfig.paper(epochs=preset.paper_epochs, **overrides)
+        return TrainConfig.paper(**{"epochs": preset.paper_epochs, **overrides})
     return TrainConfig(**overrides)
 
 

@@ -250,8 +250,11 @@ def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: 
     assert item is not None
     kinds = {names.index(value): "float"} if value is not None else {}
     check = field_check(sep, len(names), kinds, quoted=True)
-    # Ids are inferred (int64 when numeric, else dictionary-encoded strings); ratings float32.
+    # Ids of our own datasets' layouts are inferred (int64 when numeric); a generic file's ids
+    # stay strings, so that SKUs like "007" and "7" remain two items. Ratings are float32.
     types: dict[str, pa.DataType] = {value: pa.float32()} if value is not None else {}
+    if fmt in ("csv", "tsv"):
+        types.update({user: pa.string(), item: pa.string()})
     wanted = [user, item] + ([value] if value is not None else [])
     table = _arrow_csv(path, check, sep, None, types, wanted, True)
     inter = _to_interactions(path, table[user], table[item],
@@ -337,11 +340,16 @@ def encode_ids(col: pa.ChunkedArray, sort: bool) -> tuple[NDArray[np.int32], NDA
     codes, uniques = pd.factorize(indices, sort=False)
     ids = strings[uniques]
     if sort:
+        if all(_CANONICAL_INT.fullmatch(s) for s in ids):
+            ids = ids.astype(np.int64)  # "ascending user id" is numeric order when it can be
         order = np.argsort(ids, kind="stable")
         rank = np.empty(len(order), dtype=np.int64)
         rank[order] = np.arange(len(order))
         codes, ids = rank[codes], ids[order]
     return codes.astype(np.int32), ids
+
+
+_CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]{0,17}")
 
 
 def int_codes(ids: NDArray[np.integer], sort: bool) -> tuple[NDArray[np.int32], NDArray[np.int64]]:

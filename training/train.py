@@ -21,7 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -307,4 +307,4 @@ def train(
         return _run(split, config, sched, 1.0, device, progress, True, on_epoch)
     if not isinstance(cap, float | int) or not 0.0 <= float(cap) <= 1.0:
         raise TrainingError(f"anneal cap must be in [0, 1], 'auto' or 'auto-single', got {cap!r}")
-    return _run(split, replace(config), sched, float(cap), device, progress, False, on_epoch)
+    return _run(split, config, sched, float(cap), device, progress, False, on_epoch)

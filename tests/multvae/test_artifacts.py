@@ -123,3 +123,27 @@ def test_remove_old_versions_keeps_current(tmp_path: Path) -> None:
     assert versions[0] in left  # CURRENT survives even though it is the oldest
     assert sorted(versions[-1:] + versions[:1]) == sorted(left)
     assert set(removed) == set(versions[1:3])
+
+
+def test_unreadable_current_is_an_artifact_error(tmp_path: Path) -> None:
+    from multvae.errors import ArtifactError
+
+    (tmp_path / "CURRENT").mkdir()
+    with pytest.raises(ArtifactError, match="cannot be read"):
+        current_version(tmp_path)
+
+
+def test_stale_temporary_directories_are_reclaimed(tmp_path: Path) -> None:
+    import os
+    import time
+
+    _write(tmp_path)
+    stale = tmp_path / "versions" / ".tmp-stale"
+    fresh = tmp_path / "versions" / ".tmp-fresh"
+    for d in (stale, fresh):
+        d.mkdir()
+    old = time.time() - artifacts.STALE_TMP_SECONDS - 60
+    os.utime(stale, (old, old))
+    remove_old_versions(tmp_path, keep=3)
+    assert not stale.exists()
+    assert fresh.exists()  # a writer may still be filling it

@@ -94,11 +94,11 @@ def test_bad_input_is_a_clear_error_not_a_traceback(
 ) -> None:
     bad = tmp_path / "ratings.csv"
     bad.write_text("userId,movieId,rating,timestamp\n1,2,5,0\n1,oops\n")
-    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--quiet"]) == 2
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "m"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "line 3" in err
     assert not (tmp_path / "m").exists()
-    assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", "x"]) == 2
+    assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", "x"]) == 1
     assert "missing.csv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--data", str(bad), "--out", "x", "--anneal-cap", "2"])
@@ -112,7 +112,7 @@ def test_cuda_without_a_gpu_fails_before_reading(
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    assert main(["train", "--data", "nowhere.csv", "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert main(["train", "--data", "nowhere.csv", "--out", str(tmp_path), "--device", "cuda"]) == 1
     assert "no CUDA GPU" in capsys.readouterr().err
 
 
@@ -148,3 +148,35 @@ def test_versions_differ_and_stay_ordered(trained: tuple[Path, Path]) -> None:
     assert versions[0] == first == current_version(models)  # --no-promote leaves CURRENT
     scores = [load_version(models, v).model.input_weight.detach().numpy() for v in versions]
     assert not np.array_equal(scores[0][:, :16], scores[1])
+
+
+def test_count_column_keeps_every_play_and_tiny_groups_do_not_break_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 12 users with 6 plays each, counts 1..3: as ratings (> 3.5) nothing would survive.
+    rows = ["user,song,plays"]
+    rows += [f"u{u},s{(u * 7 + k) % 15},{1 + k % 3}" for u in range(12) for k in range(6)]
+    path = tmp_path / "plays.csv"
+    path.write_text("\n".join(rows) + "\n")
+    models = tmp_path / "m"
+    code = main([
+        "train", "--data", str(path), "--user-col", "user", "--item-col", "song",
+        "--count-col", "plays", "--heldout-users", "1", "--epochs", "2", "--latent-dim", "8",
+        "--out", str(models), "--quiet", "--device", "cpu",
+    ])
+    assert code == 0
+    capsys.readouterr()
+    version = load_version(models)
+    assert version.config["split"]["train_clicks"] == 10 * 6
+    # one test user: the standard error is undefined, stored as null rather than NaN
+    assert version.metrics["test"]["metrics"]["ndcg@100"]["se"] is None
+    assert main(["evaluate", str(models), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["metrics"]["ndcg@100"]["se"] is None
+
+
+def test_paper_preset_accepts_an_explicit_epoch_count() -> None:
+    from training.pipeline import DataSpec, train_config_for
+
+    config = train_config_for(DataSpec("x", preset="ml-20m"), epochs=3)
+    assert (config.epochs, config.batch_size, config.total_anneal_steps) == (3, 500, 200_000)
+    assert train_config_for(DataSpec("x", preset="msd")).epochs == 100

@@ -252,3 +252,11 @@ def test_detect_format(tmp_path: Path) -> None:
     assert all(fmt in str(err.value) for fmt in FORMATS)
     with pytest.raises(DataError, match="unknown format 'xml'"):
         read_interactions(mystery, "xml")
+
+
+def test_generic_csv_keeps_ids_with_leading_zeros_apart(tmp_path: Path) -> None:
+    path = tmp_path / "clicks.csv"
+    path.write_text("user,item\n10,007\n10,7\n9,007\n")
+    inter = read_interactions(path, "csv")
+    assert sorted(str(i) for i in inter.item_ids) == ["007", "7"]
+    assert inter.user_ids.tolist() == [9, 10]  # canonical integers still sort numerically
