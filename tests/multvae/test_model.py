@@ -100,3 +100,16 @@ def test_config_round_trip_and_validation() -> None:
         ModelConfig(p_dims=(200, 600, 50), q_dims=(60, 600, 200))
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig.default("multvae", 10, dropout=1.0)
+
+
+def test_sparse_first_layer_gradient_equals_dense() -> None:
+    torch.manual_seed(0)
+    model = MultVAE(ModelConfig.default("multvae", 40))
+    x = SparseRows.from_csr(_batch())
+    upstream = torch.randn(x.batch_size, 600)
+    (model._first_layer(x, dropout=0.0) * upstream).sum().backward()
+    sparse_grad = model.input_weight.grad.clone()  # type: ignore[union-attr]
+    model.input_weight.grad = None
+    dense = F.normalize(x.to_dense(), dim=1)
+    ((dense @ model.input_weight + model.input_bias) * upstream).sum().backward()
+    torch.testing.assert_close(sparse_grad, model.input_weight.grad, rtol=1e-5, atol=1e-6)
