@@ -49,7 +49,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.redis_url, settings.cache_max_entries, settings.redis_timeout_ms / 1000
     )
     cache = GuardedCache(backend, metrics, settings.redis_breaker_s)
-    batcher = MicroBatcher(metrics, settings.batch_max_size, settings.batch_wait_ms / 1000)
+    batcher = MicroBatcher(
+        metrics, settings.batch_max_size, settings.batch_wait_ms / 1000, settings.max_pending
+    )
     batcher.start()
     registry.start()
     app.state.pipeline = Pipeline(settings, metrics, registry, cache, batcher)

@@ -9,21 +9,35 @@ and form the next batch. ``wait_s = 0`` turns grouping off: every request is its
 Inference always runs on one worker thread, so passes never compete with each other for the
 cores (torch already uses several threads inside one pass) and the event loop stays free to
 parse requests and answer cache hits.
+
+The queue is bounded: once ``max_pending`` histories wait, :meth:`MicroBatcher.submit` raises
+:class:`OverloadedError` (503 with Retry-After) at once, so overload shows as fast refusals a
+client or balancer can act on rather than as latency that grows without limit. Should the
+consumer task ever die, everything waiting on it is failed with a 503 and it is restarted;
+after a few deaths in a row without a completed pass it is not, and requests that need the
+model get a 503 at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from service.errors import NotReadyError
+from service.errors import NotReadyError, OverloadedError
 from service.metrics import Metrics
 from service.recommender import Query, Ranked, ServingModel
+
+log = logging.getLogger("multvae.batching")
+
+RETRY_AFTER = {"Retry-After": "1"}
+# Consumer deaths in a row, with no pass completed in between, after which it stays down.
+MAX_RESTARTS = 3
 
 
 @dataclass
@@ -37,15 +51,23 @@ class _Job:
 class MicroBatcher:
     """Groups :meth:`submit` calls into forward passes; start in the lifespan, then stop."""
 
-    def __init__(self, metrics: Metrics, max_batch: int, wait_s: float) -> None:
+    def __init__(
+        self, metrics: Metrics, max_batch: int, wait_s: float, max_pending: int = 1024
+    ) -> None:
         self.metrics = metrics
         self.max_batch = max_batch
         self.wait_s = wait_s
+        self.max_pending = max_pending
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multvae-infer")
         self._pending: deque[_Job] = deque()
         self._pending_rows = 0
+        self._active: list[_Job] = []  # taken off the queue by the consumer, not yet answered
+        self._direct_rows = 0  # grouping off: rows submitted and not yet answered
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._deaths = 0  # consumer deaths since the last completed pass
+        self._broken: str | None = None  # why submits are refused, once the consumer is down
 
     @property
     def enabled(self) -> bool:
@@ -53,9 +75,49 @@ class MicroBatcher:
 
     def start(self) -> None:
         if self.enabled and self._task is None:
-            self._task = asyncio.create_task(self._consume(), name="multvae-batcher")
+            self._stopping = False
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._task = asyncio.create_task(self._consume(), name="multvae-batcher")
+        self._task.add_done_callback(self._on_consumer_done)
+
+    def _on_consumer_done(self, task: asyncio.Task[None]) -> None:
+        """The consumer ended without :meth:`stop`: fail its waiters, then restart it (or not)."""
+        if self._stopping or task is not self._task:
+            return
+        if task.cancelled():
+            # Cancelled from outside (the loop is closing): nothing to restart it for.
+            why = "the inference worker was cancelled; the service is shutting down"
+            log.error("micro-batch consumer cancelled outside shutdown; refusing requests")
+        else:
+            exc = task.exception()
+            self._deaths += 1
+            why = "the inference worker failed unexpectedly; retry the request"
+            log.error(
+                "micro-batch consumer died (%d in a row); failing %d waiting requests",
+                self._deaths, len(self._active) + len(self._pending),
+                exc_info=exc,
+            )  # fmt: skip
+        self._fail_waiting(NotReadyError(why, headers=RETRY_AFTER))
+        self._task = None
+        if not task.cancelled() and self._deaths < MAX_RESTARTS:
+            log.warning("restarting the micro-batch consumer")
+            self._spawn()
+        else:
+            self._broken = why
+            log.error("micro-batch consumer stays down; requests that need the model get 503")
+
+    def _fail_waiting(self, exc: Exception) -> None:
+        for job in [*self._active, *self._pending]:
+            if not job.future.done():
+                job.future.set_exception(exc)
+        self._active = []
+        self._pending.clear()
+        self._pending_rows = 0
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -68,17 +130,39 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def submit(self, model: ServingModel, queries: Sequence[Query]) -> list[Ranked]:
-        """Rankings for ``queries`` on ``model`` (the version the request started with)."""
+        """Rankings for ``queries`` on ``model`` (the version the request started with).
+
+        Raises :class:`OverloadedError` when ``max_pending`` histories already wait.
+        """
+        rows = len(queries)
         if not self.enabled:
-            self.metrics.batch_wait.observe(0.0)
-            return await self._run(model, queries)
+            self._admit(self._direct_rows, rows)
+            self._direct_rows += rows
+            try:
+                self.metrics.batch_wait.observe(0.0)
+                return await self._run(model, queries)
+            finally:
+                self._direct_rows -= rows
+        if self._broken is not None:
+            raise NotReadyError(self._broken, headers=RETRY_AFTER)
         if self._task is None:
             raise NotReadyError("the model is not loaded yet")
+        self._admit(self._pending_rows, rows)
         future: asyncio.Future[list[Ranked]] = asyncio.get_running_loop().create_future()
         self._pending.append(_Job(model, queries, future))
-        self._pending_rows += len(queries)
+        self._pending_rows += rows
         self._wakeup.set()
         return await future
+
+    def _admit(self, waiting: int, rows: int) -> None:
+        # An empty queue takes any request, however large (as a pass takes any first job), so
+        # a /recommend/batch above the cap is slow rather than refused forever.
+        if waiting and waiting + rows > self.max_pending:
+            raise OverloadedError(
+                f"the service is overloaded: {waiting} histories are already waiting for the "
+                f"model (MULTVAE_MAX_PENDING={self.max_pending}); retry in a moment",
+                headers=RETRY_AFTER,
+            )
 
     async def _run(self, model: ServingModel, queries: Sequence[Query]) -> list[Ranked]:
         loop = asyncio.get_running_loop()
@@ -121,6 +205,7 @@ class MicroBatcher:
     async def _consume(self) -> None:
         while True:
             jobs = await self._gather()
+            self._active = jobs  # until answered: failed by _on_consumer_done should we die
             started = time.perf_counter()
             for job in jobs:
                 self.metrics.batch_wait.observe(started - job.enqueued)
@@ -137,6 +222,8 @@ class MicroBatcher:
                     if not job.future.done():
                         job.future.set_exception(NotReadyError("the service is shutting down"))
                 raise
+            self._active = []
+            self._deaths = 0
 
     async def _execute(self, jobs: list[_Job]) -> None:
         queries = [q for job in jobs for q in job.queries]

@@ -7,6 +7,8 @@ training subcommands do not pay for them here.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,32 +21,74 @@ def register(subparsers: Any) -> None:
         help="serve recommendations over HTTP",
         description=(
             "Serve POST /recommend from the model version CURRENT names in --model-dir. "
-            "Every option also reads its MULTVAE_* environment variable (see the README's "
-            "Serving section); "
-            "options given here win."
+            "Every option except --host and --port also reads its MULTVAE_* environment "
+            "variable (see the README's Serving section); options given here win."
         ),
     )
     parser.add_argument("--model-dir", type=Path, help="model directory (MULTVAE_MODEL_DIR)")
-    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    # No MULTVAE_HOST/MULTVAE_PORT: in docker-compose MULTVAE_PORT is the host-side port.
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no variable)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; no variable)")
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (MULTVAE_DEVICE)")
     parser.add_argument("--redis-url", help="Redis cache URL (MULTVAE_REDIS_URL)")
-    parser.add_argument("--batch-wait-ms", type=float, help="micro-batch wait; 0 = off")
-    parser.add_argument("--batch-max-size", type=int, help="rows per forward pass")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, help="micro-batch wait; 0 = off (MULTVAE_BATCH_WAIT_MS)"
+    )
+    parser.add_argument(
+        "--batch-max-size", type=int, help="rows per forward pass (MULTVAE_BATCH_MAX_SIZE)"
+    )
     parser.add_argument(
         "--log-level",
         choices=("critical", "error", "warning", "info", "debug"),
         help="log level (MULTVAE_LOG_LEVEL)",
     )
-    parser.add_argument("--no-access-log", action="store_true", help="no per-request log line")
+    parser.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="no per-request log line (MULTVAE_ACCESS_LOG=false)",
+    )
     parser.set_defaults(func=serve)
 
 
 _OVERRIDES = ("model_dir", "device", "redis_url", "batch_wait_ms", "batch_max_size", "log_level")
 
+# What a value of each pydantic error type should have been, for the one-line messages.
+_ACCEPTED = {
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false (also 1/0, yes/no, on/off)",
+}
+
+
+def _settings_errors(errors: Iterable[Mapping[str, Any]], from_command_line: set[str]) -> list[str]:
+    """One line per invalid setting: where it came from, its value and what is accepted."""
+    lines = []
+    for error in errors:
+        field = str(error["loc"][0]) if error.get("loc") else "?"
+        value = error.get("input")
+        shown = (
+            "(hidden)" if field == "api_key" else repr(value) if isinstance(value, str) else value
+        )
+        if field in from_command_line:
+            source = f"--{field.replace('_', '-')} {shown}"
+        else:
+            source = f"MULTVAE_{field.upper()}={shown}"
+        accepted = _ACCEPTED.get(str(error.get("type")))
+        if accepted is not None:
+            why = f"expected {accepted}"
+        else:
+            why = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+            why = why[:1].lower() + why[1:]
+        lines.append(f"{source} is not accepted: {why}")
+    return lines
+
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from multvae.artifacts import current_version
     from multvae.device import resolve_device
@@ -57,7 +101,12 @@ def serve(args: argparse.Namespace) -> int:
     }
     if args.no_access_log:
         overrides["access_log"] = False
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for line in _settings_errors(exc.errors(include_url=False), set(overrides)):
+            print(f"multvae serve: error: {line}", file=sys.stderr)
+        return 1
     # Fail before binding the port, with the message rather than a lifespan traceback.
     resolve_device(settings.device)
     if current_version(settings.model_dir) is None:

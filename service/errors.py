@@ -4,16 +4,18 @@
      ├── MalformedJSONError       400  the body is not parseable JSON
      ├── UnauthorizedError        401  API key missing or wrong (the key itself is never echoed)
      ├── AdminDisabledError       403  /admin/* called while no MULTVAE_API_KEY is configured
-     ├── ReloadRefusedError       409  a reloaded version failed; the old one keeps serving
+     ├── ReloadRefusedError       409  a reload was refused (bad version, unreadable CURRENT)
      ├── BodyTooLargeError        413  the body exceeds MULTVAE_MAX_BODY_BYTES
      ├── UnsupportedMediaError    415  the Content-Type is not application/json
      ├── InvalidRequestError      422  one or more fields are invalid; ``errors`` lists each field
      │    └── UnknownItemsError   422  strict mode: history ids the model does not know
-     └── NotReadyError            503  no model is loaded yet
+     ├── NotReadyError            503  no model is loaded yet, or the inference worker failed
+     └── OverloadedError          503  more than MULTVAE_MAX_PENDING histories wait (Retry-After)
 
 Framework errors are rendered the same way: query-parameter validation (422), unknown route
 (404) and wrong method (405). Unexpected exceptions become a JSON 500 in the request
-middleware (:mod:`service.middleware`); client input never reaches that path.
+middleware (:mod:`service.middleware`); client input never reaches that path, and a client
+that hangs up mid-body is recorded there as 499 with nothing sent.
 Messages name the field and the value and say what is accepted.
 """
 
@@ -103,6 +105,12 @@ class NotReadyError(ServiceError):
     status = 503
 
 
+class OverloadedError(ServiceError):
+    """Refused at once rather than queued: the wait would only grow (load shedding)."""
+
+    status = 503
+
+
 def field_path(loc: Iterable[int | str]) -> str:
     """``("requests", 0, "items", 3)`` -> ``"requests[0].items[3]"``."""
     out = ""
@@ -114,8 +122,8 @@ def field_path(loc: Iterable[int | str]) -> str:
     return out or "body"
 
 
-def _shown(value: Any) -> str:
-    # In JSON spelling (true, null, "5"), as the client wrote it.
+def shown(value: Any) -> str:
+    """A value in JSON spelling (true, null, "5", NaN), as the client wrote it, cut at 40."""
     try:
         text = json.dumps(value, ensure_ascii=False)
     except (TypeError, ValueError):
@@ -136,20 +144,20 @@ def describe(error: dict[str, Any], accepted_fields: Sequence[str]) -> FieldErro
     elif kind in ("model_type", "dict_type", "model_attributes_type"):
         message = (
             f"expected a JSON object with the fields {', '.join(accepted_fields)}, "
-            f"got {_shown(value)}"
+            f"got {shown(value)}"
         )
     elif kind == "list_type":
-        message = f"expected a JSON array, got {_shown(value)}"
+        message = f"expected a JSON array, got {shown(value)}"
     elif kind in ("int_type", "int_parsing", "int_from_float"):
-        message = f"expected an integer, got {_shown(value)}"
+        message = f"expected an integer, got {shown(value)}"
     elif kind == "greater_than_equal":
-        message = f"must be >= {error.get('ctx', {}).get('ge')}, got {_shown(value)}"
+        message = f"must be >= {error.get('ctx', {}).get('ge')}, got {shown(value)}"
     elif kind in ("bool_type", "bool_parsing"):
-        message = f"expected true or false, got {_shown(value)}"
+        message = f"expected true or false, got {shown(value)}"
     elif kind == "item_id_type":
         message = str(error.get("msg", "invalid item id"))
     else:
-        message = f"{error.get('msg', 'invalid value')} (got {_shown(value)})"
+        message = f"{error.get('msg', 'invalid value')} (got {shown(value)})"
     return FieldError(field, message)
 
 

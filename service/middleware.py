@@ -2,7 +2,9 @@
 
 A plain ASGI middleware (not ``BaseHTTPMiddleware``) because it wraps every request and must
 stay cheap. It sits inside Starlette's error middleware, so it also turns an unexpected
-exception into a JSON 500 that still carries the request id.
+exception into a JSON 500 that still carries the request id. A client that hangs up while its
+body is read is no server error: it is recorded as 499 (client closed request), the nginx
+convention, and nothing is sent.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import Metrics
@@ -27,6 +30,10 @@ HEADER = b"x-request-id"
 # A client-supplied id is echoed only when it is short and printable, so it cannot inject
 # anything into headers or log lines.
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+CLIENT_CLOSED = 499
+# The method label takes one of these or "other": a client can send any token as a method.
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
 @dataclass
@@ -78,6 +85,9 @@ class RequestMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # Nobody is left to answer; a client's hang-up is neither an error nor a 5xx.
+            status = CLIENT_CLOSED
         except Exception:
             log.exception("unhandled error", extra={"request_id": info.request_id})
             if not started:
@@ -104,9 +114,10 @@ class RequestMiddleware:
         # The template, never the raw path: a raw path is an unbounded label.
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
+        label = method if method in _METHODS else "other"
         code = str(status)
-        self.metrics.requests.labels(template, method, code).inc()
-        self.metrics.latency.labels(template, method, code).observe(seconds)
+        self.metrics.requests.labels(template, label, code).inc()
+        self.metrics.latency.labels(template, label, code).observe(seconds)
         if self.log_access:
             access_log.info(
                 "request",

@@ -19,10 +19,8 @@ from numpy.typing import NDArray
 
 from multvae.artifacts import ModelVersion
 from multvae.items import ItemIndex
-from multvae.recommend import Recommender
+from multvae.recommend import EMPTY, Recommender
 from service.schemas import RecommendRequest
-
-_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -80,7 +78,7 @@ class ServingModel:
         Unknown ids in ``exclude`` are dropped silently: they can never be recommended.
         """
         history, unknown = self.items.columns(request.items)
-        exclude = self.items.columns(request.exclude)[0] if request.exclude else _EMPTY
+        exclude = self.items.columns(request.exclude)[0] if request.exclude else EMPTY
         return Query(history, request.n, exclude), unknown
 
     def rank(self, queries: Sequence[Query]) -> list[Ranked]:
@@ -97,7 +95,7 @@ class ServingModel:
     def warm_up(self) -> None:
         """One forward pass before serving, so the first request pays no lazy initialisation."""
         cols = np.arange(min(10, self.n_items), dtype=np.int64)
-        self.rank([Query(cols, 20, _EMPTY), Query(_EMPTY, 20, _EMPTY)])
+        self.rank([Query(cols, 20, EMPTY), Query(EMPTY, 20, EMPTY)])
 
     def describe(self) -> dict[str, Any]:
         """What GET /model shows."""

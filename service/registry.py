@@ -6,7 +6,9 @@ reference. A request reads that reference once, at its start, so requests in fli
 on the version they began with. A version that fails to load or verify is refused: the old
 one keeps serving, ``multvae_model_reloads_total{outcome="refused"}`` counts it and the log
 says why. The poller does not retry a refused version (it would fail the same way every few
-seconds); SIGHUP and the admin endpoint do, after someone has fixed the files.
+seconds); SIGHUP and the admin endpoint do, after someone has fixed the files. A ``CURRENT``
+that is missing or unreadable is refused the same way; the poller counts and logs it as an
+error once per reason, then at debug level until the reason changes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Literal
 import torch
 
 from multvae.artifacts import current_version, load_version
+from multvae.errors import ArtifactError
 from service.metrics import Metrics
 from service.recommender import ServingModel
 from service.settings import Settings
@@ -47,6 +50,7 @@ class ModelRegistry:
         self.metrics = metrics
         self.current: ServingModel | None = None
         self.refused: dict[str, str] = {}  # version -> why, so the poller does not retry it
+        self.pointer_problem: str | None = None  # why CURRENT could not be read, last time
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
         self._poller: asyncio.Task[None] | None = None
@@ -81,9 +85,17 @@ class ModelRegistry:
         """Load CURRENT if it names a version other than the one being served."""
         async with self._lock:
             serving = self.current.version if self.current else ""
-            target = await asyncio.to_thread(current_version, self.settings.model_dir)
+            try:
+                target = await asyncio.to_thread(current_version, self.settings.model_dir)
+            except ArtifactError as exc:
+                return self._refuse_pointer(str(exc), trigger)
+            except Exception as exc:  # whatever reading CURRENT raises, the old model serves
+                return self._refuse_pointer(f"CURRENT cannot be read: {exc!r}", trigger)
             if target is None:
-                return self._refuse(None, "CURRENT is missing or empty", trigger)
+                return self._refuse_pointer(
+                    f"{self.settings.model_dir}/CURRENT is missing or empty", trigger
+                )
+            self.pointer_problem = None
             if target == serving:
                 return ReloadResult("unchanged", serving, target, f"already serving {target}")
             if trigger == "poll" and target in self.refused:
@@ -96,14 +108,24 @@ class ModelRegistry:
             self._swap(model, trigger)
             return ReloadResult("reloaded", model.version, target, f"now serving {target}")
 
+    def _refuse_pointer(self, why: str, trigger: Trigger) -> ReloadResult:
+        """CURRENT names no usable version. The poller reports each reason once, not per poll."""
+        if trigger == "poll" and why == self.pointer_problem:
+            serving = self.current.version if self.current else ""
+            log.debug("still refusing CURRENT (trigger poll), serving %s: %s", serving, why)
+            return ReloadResult("refused", serving, None, why)
+        self.pointer_problem = why
+        return self._refuse(None, why, trigger)
+
     def _refuse(self, target: str | None, why: str, trigger: Trigger) -> ReloadResult:
         serving = self.current.version if self.current else ""
         self.metrics.reloads.labels("refused", trigger).inc()
         if target is not None:
             self.refused[target] = why
         log.error(
-            "refused model version %s (trigger %s), still serving %s: %s",
-            target, trigger, serving, why,
+            "refused %s (trigger %s), still serving %s: %s",
+            f"model version {target}" if target is not None else "CURRENT", trigger, serving,
+            why,
         )  # fmt: skip
         return ReloadResult("refused", serving, target, why)
 
@@ -124,9 +146,17 @@ class ModelRegistry:
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading CURRENT")
-        task: asyncio.Task[object] = asyncio.create_task(self.reload("sighup"))
+        task: asyncio.Task[object] = asyncio.create_task(self._reload_logged("sighup"))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _reload_logged(self, trigger: Trigger) -> None:
+        # A background reload has nobody to raise to: log what reload() did not turn into a
+        # refusal rather than leave a "Task exception was never retrieved" behind.
+        try:
+            await self.reload(trigger)
+        except Exception:
+            log.exception("reloading CURRENT (trigger %s) failed", trigger)
 
     async def _poll(self, interval: float) -> None:
         while True:

@@ -201,7 +201,6 @@ async def admin_reload(pipeline: PipelineDep) -> Response:
     """Load the version CURRENT names now; 409 when it is refused (the old one keeps serving)."""
     result = await pipeline.registry.reload("admin")
     if result.outcome == "refused":
-        raise ReloadRefusedError(
-            f"version {result.requested} refused, still serving {result.version}: {result.detail}"
-        )
+        what = f"version {result.requested}" if result.requested is not None else "CURRENT"
+        raise ReloadRefusedError(f"{what} refused, still serving {result.version}: {result.detail}")
     return _json({"outcome": result.outcome, "version": result.version, "detail": result.detail})

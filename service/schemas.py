@@ -15,6 +15,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from service.errors import shown
+
 ACCEPTED_ID = "a string or an integer"
 
 
@@ -28,8 +30,7 @@ def _json_value(value: Any) -> str:
         return "an object"
     if isinstance(value, list):
         return "an array"
-    shown = repr(value)
-    return f"{shown if len(shown) <= 40 else shown[:37] + '...'} (a {type(value).__name__})"
+    return f"{shown(value)} (a {type(value).__name__})"
 
 
 def _item_id(value: Any) -> str:

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     # Micro-batching: wait at most batch_wait_ms for more requests, up to batch_max_size rows.
     batch_wait_ms: float = Field(default=2.0, ge=0.0)
     batch_max_size: int = Field(default=64, ge=1)
+    # Load shedding: above this many histories waiting for a forward pass, answer 503 at once
+    # (with Retry-After) instead of letting the queue, and every request's latency, grow.
+    max_pending: int = Field(default=1024, ge=1)
     # Threads inside one forward pass; None = the usable cores less one, which is left to the
     # event loop (on 2 cores, two torch threads fighting the loop are slower than one).
     torch_threads: int | None = Field(default=None, ge=1)

@@ -109,6 +109,15 @@ def served(model_dir: Path, tmp_path: Path) -> Iterator[Server]:
 KEY = {"X-API-Key": "e2e-key"}
 
 
+def _requests_by_route_and_status(http: httpx.Client) -> dict[tuple[str, str], float]:
+    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    return {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["multvae_http_requests"].samples
+        if s.name == "multvae_http_requests_total"
+    }
+
+
 def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> None:
     http = served.http
     response = http.post(
@@ -133,17 +142,25 @@ def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> Non
     assert batch.json()["results"][0]["fallback"] == "popularity"
 
     families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
-    requests = {
-        (s.labels["route"], s.labels["status"]): s.value
-        for s in families["multvae_http_requests"].samples
-        if s.name == "multvae_http_requests_total"
-    }
+    requests = _requests_by_route_and_status(http)
     assert requests[("/recommend", "200")] == 1
     assert requests[("/recommend", "401")] == 1
     assert requests[("/recommend", "400")] == 1
     assert requests[("/recommend/batch", "200")] == 1
     info = families["multvae_model_info"].samples[0]
     assert info.labels["version"] == http.get("/model").json()["version"]
+
+    # A client that hangs up halfway through its body: a 499 in the metrics, no stack trace.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=10) as raw:
+        raw.sendall(
+            b"POST /recommend HTTP/1.1\r\nHost: e2e\r\nX-API-Key: e2e-key\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{"items": ['
+        )
+    deadline = time.monotonic() + 60
+    while _requests_by_route_and_status(http).get(("/recommend", "499")) != 1:
+        assert time.monotonic() < deadline, served.output()
+        time.sleep(0.05)
+    assert ("/recommend", "500") not in _requests_by_route_and_status(http)
 
     # SIGHUP reloads CURRENT in the running process.
     new_version = _write_model(model_dir, seed=2)
@@ -165,6 +182,8 @@ def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> Non
     assert first["status"] == 200
     assert first["cache"] == "miss"
     assert "e2e-key" not in served.output()
+    assert "Traceback" not in served.output()
+    assert not [line for line in lines if line["logger"] == "multvae.error"]
     assert any("SIGHUP" in line["message"] for line in lines)
 
 

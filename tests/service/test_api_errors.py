@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from service_support import IDS, Trained, make_settings
+from service_support import IDS, Trained, make_settings, metric_value
+from starlette.types import Message
 
 from service.app import create_app
 
@@ -241,3 +246,90 @@ def test_odd_bodies_get_an_answer_not_a_500(limited: TestClient, content: bytes)
     )
     assert response.status_code < 500
     assert response.json()["detail" if response.status_code >= 400 else "items"] is not None
+
+
+def test_non_finite_floats_are_shown_as_the_client_spelled_them(limited: TestClient) -> None:
+    # One display helper for every error message: JSON spelling, so NaN is not "nan".
+    response = limited.post(
+        "/recommend",
+        content=b'{"items": [NaN, Infinity]}',
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 422
+    messages = [e["message"] for e in response.json()["errors"]]
+    assert messages == [
+        "item ids must be a string or an integer, got NaN (a float)",
+        "item ids must be a string or an integer, got Infinity (a float)",
+    ]
+
+
+def test_overload_is_a_fast_503_with_retry_after(trained: Trained) -> None:
+    settings = make_settings(trained.model_dir, max_pending=1)
+    started, release = threading.Event(), threading.Event()
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(2) as pool:
+        pipeline = client.app.state.pipeline  # type: ignore[attr-defined]
+        model = pipeline.registry.current
+        original = model.rank
+
+        def blocking_rank(queries: Any) -> Any:
+            started.set()
+            assert release.wait(30)
+            return original(queries)
+
+        model.rank = blocking_rank
+        try:
+            # One request in the (blocked) forward pass, one waiting: the queue is full.
+            in_pass = pool.submit(client.post, "/recommend", json={"items": [IDS[1]]})
+            assert started.wait(30)
+            queued = pool.submit(client.post, "/recommend", json={"items": [IDS[2]]})
+            deadline = time.monotonic() + 30
+            while pipeline.batcher._pending_rows < 1:
+                assert time.monotonic() < deadline, "the second request never queued"
+                time.sleep(0.01)
+            refused = client.post("/recommend", json={"items": [IDS[3]]})
+        finally:
+            release.set()
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "overloaded" in refused.json()["detail"]
+        assert "MULTVAE_MAX_PENDING" in refused.json()["detail"]
+        assert in_pass.result(30).status_code == 200
+        assert queued.result(30).status_code == 200
+        labels = {"route": "/recommend", "method": "POST", "status": "503"}
+        assert metric_value(client, "multvae_http_requests_total", labels) == 1
+
+
+def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(
+    trained: Trained, caplog: pytest.LogCaptureFixture
+) -> None:
+    messages: list[Message] = [
+        {"type": "http.request", "body": b'{"items": [', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/recommend", "raw_path": b"/recommend", "root_path": "",
+        "query_string": b"", "client": ("127.0.0.1", 50000), "server": ("testserver", 80),
+        "headers": [(b"content-type", b"application/json"), (b"x-request-id", b"gone-1")],
+    }  # fmt: skip
+    with (
+        caplog.at_level(logging.INFO),
+        TestClient(create_app(make_settings(trained.model_dir))) as client,
+    ):
+        assert client.portal is not None
+        client.portal.call(client.app, scope, receive, send)
+        labels = {"route": "/recommend", "method": "POST"}
+        assert metric_value(client, "multvae_http_requests_total", {**labels, "status": "499"}) == 1
+        assert metric_value(client, "multvae_http_requests_total", {**labels, "status": "500"}) == 0
+    assert not [m for m in sent if m["type"] == "http.response.start"]  # nobody to answer
+    assert not [r for r in caplog.records if r.name == "multvae.error"]
+    access = [r.__dict__ for r in caplog.records if r.name == "multvae.access"]
+    assert [(a["request_id"], a["status"]) for a in access] == [("gone-1", 499)]

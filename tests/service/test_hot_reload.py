@@ -173,3 +173,74 @@ def test_admin_reload_needs_the_key(trained: Trained) -> None:
         ok = client.post("/admin/reload", headers={"Authorization": "Bearer k"})
         assert ok.status_code == 200
         assert ok.json()["outcome"] == "unchanged"
+
+
+@pytest.mark.parametrize("breakage", ["directory", "not utf-8"])
+def test_an_unreadable_current_is_refused_never_a_500(
+    trained: Trained, model_dir: Path, breakage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(model_dir, api_key="k")
+    current = model_dir / "CURRENT"
+    with (
+        caplog.at_level(logging.ERROR, logger="multvae.registry"),
+        TestClient(create_app(settings)) as client,
+    ):
+        current.unlink()
+        if breakage == "directory":
+            current.mkdir()
+        else:
+            current.write_bytes(b"\xff\xfe\x00version")
+        response = client.post("/admin/reload", headers=KEY)
+        assert response.status_code == 409
+        detail = response.json()["detail"]
+        assert "CURRENT" in detail
+        assert f"still serving {trained.version}" in detail
+        assert "None" not in detail
+        registry = client.app.state.pipeline.registry  # type: ignore[attr-defined]
+        assert client.portal is not None
+        for trigger in ("sighup", "poll"):
+            result = client.portal.call(registry.reload, trigger)
+            assert (result.outcome, result.version) == ("refused", trained.version)
+        ok = client.post("/recommend", json={"items": [IDS[0]]}, headers=KEY)
+        assert ok.json()["model_version"] == trained.version
+        for trigger in ("admin", "sighup"):
+            labels = {"outcome": "refused", "trigger": trigger}
+            assert metric_value(client, "multvae_model_reloads_total", labels) == 1
+    refusals = [r for r in caplog.records if "refused CURRENT" in r.getMessage()]
+    assert len(refusals) == 2  # admin and SIGHUP; the poll repeats a known reason quietly
+
+
+def test_a_missing_current_is_reported_once_per_reason_not_per_poll(
+    trained: Trained, model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    current = model_dir / "CURRENT"
+    refused = {"outcome": "refused", "trigger": "poll"}
+    with (
+        caplog.at_level(logging.DEBUG, logger="multvae.registry"),
+        TestClient(create_app(make_settings(model_dir))) as client,
+    ):
+        registry = client.app.state.pipeline.registry  # type: ignore[attr-defined]
+        assert client.portal is not None
+
+        def poll(times: int = 3) -> None:
+            for _ in range(times):
+                result = client.portal.call(registry.reload, "poll")  # type: ignore[union-attr]
+                assert result.version == trained.version
+
+        current.unlink()
+        poll()
+        assert metric_value(client, "multvae_model_reloads_total", refused) == 1
+        current.mkdir()  # another reason: reported again, once
+        poll()
+        assert metric_value(client, "multvae_model_reloads_total", refused) == 2
+        current.rmdir()
+        current.write_text(trained.version + "\n")  # fixed: the next breakage counts anew
+        poll(1)
+        current.unlink()
+        poll()
+        assert metric_value(client, "multvae_model_reloads_total", refused) == 3
+    records = [r for r in caplog.records if "refused CURRENT" in r.getMessage()]
+    quiet = [r for r in caplog.records if "still refusing CURRENT" in r.getMessage()]
+    assert [r.levelno for r in records] == [logging.ERROR] * 3
+    assert len(quiet) == 6
+    assert {r.levelno for r in quiet} == {logging.DEBUG}

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.batching import MicroBatcher
-from service.errors import NotReadyError
+from service.batching import MAX_RESTARTS, MicroBatcher
+from service.errors import NotReadyError, OverloadedError
 from service.metrics import Metrics
 from service.recommender import Query, Ranked
 
@@ -130,3 +130,121 @@ async def test_stop_fails_waiting_requests() -> None:
     await batcher.stop()
     with pytest.raises(NotReadyError, match="shutting down"):
         await waiting
+
+
+async def test_a_full_queue_refuses_at_once_instead_of_growing() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0, max_pending=3)
+    batcher.start()
+    try:
+        # Alone in the queue, a request larger than the cap still goes (slow, not refused).
+        big = asyncio.ensure_future(batcher.submit(model, [_q(i) for i in range(5)]))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError) as refused:
+            await batcher.submit(model, [_q(9)])
+        assert "MULTVAE_MAX_PENDING=3" in refused.value.detail
+        assert "retry" in refused.value.detail
+        assert refused.value.status == 503
+        assert refused.value.headers == {"Retry-After": "1"}
+        assert not big.done()
+    finally:
+        await batcher.stop()
+    with pytest.raises(NotReadyError, match="shutting down"):
+        await big
+    assert model.passes == []
+
+
+async def test_the_cap_counts_rows_and_also_holds_without_grouping() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0, max_pending=3)
+    batcher.start()
+    try:
+        waiting = [asyncio.ensure_future(batcher.submit(model, [_q(1), _q(2)]))]
+        await asyncio.sleep(0)
+        waiting.append(asyncio.ensure_future(batcher.submit(model, [_q(3)])))  # 3 rows: fits
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError):
+            await batcher.submit(model, [_q(4)])
+    finally:
+        await batcher.stop()
+    await asyncio.gather(*waiting, return_exceptions=True)
+
+    release = threading.Event()
+
+    class Blocked(FakeModel):
+        def rank(self, queries: Sequence[Query]) -> list[Ranked]:
+            assert release.wait(30)
+            return super().rank(queries)
+
+    blocked = Blocked()
+    direct = MicroBatcher(Metrics(), max_batch=100, wait_s=0.0, max_pending=1)
+    try:
+        first = asyncio.ensure_future(direct.submit(blocked, [_q(1)]))
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError):
+            await direct.submit(blocked, [_q(2)])
+        release.set()
+        assert (await first)[0].items == ["m1"]
+        assert (await direct.submit(blocked, [_q(3)]))[0].items == ["m3"]  # room again
+    finally:
+        release.set()
+        await direct.stop()
+
+
+class _Flaky:
+    """A batch_wait histogram whose observe() raises: kills the consumer mid-batch."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    def observe(self, _: float) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise RuntimeError("a bug in the consumer")
+
+
+async def test_a_dead_consumer_fails_its_waiters_and_is_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model, metrics = FakeModel(), Metrics()
+    metrics.batch_wait = _Flaky(failures=1)  # type: ignore[assignment]
+    batcher = MicroBatcher(metrics, max_batch=2, wait_s=10.0)
+    batcher.start()
+    try:
+        # Without the done-callback these would wait forever; wait_for turns that into a failure.
+        failed = await asyncio.wait_for(
+            asyncio.gather(
+                batcher.submit(model, [_q(1)]), batcher.submit(model, [_q(2)]),
+                return_exceptions=True,
+            ),
+            timeout=30,
+        )  # fmt: skip
+        assert all(isinstance(e, NotReadyError) for e in failed)
+        assert all(e.status == 503 and "retry" in e.detail for e in failed)  # type: ignore[union-attr]
+        ok = await asyncio.wait_for(
+            asyncio.gather(batcher.submit(model, [_q(3)]), batcher.submit(model, [_q(4)])), 30
+        )
+        assert [r[0].items for r in ok] == [["m3"], ["m4"]]
+    finally:
+        await batcher.stop()
+    died = [r for r in caplog.records if r.name == "multvae.batching" and "died" in r.message]
+    assert len(died) == 1
+    assert died[0].exc_info is not None
+
+
+async def test_a_consumer_that_keeps_dying_stays_down_and_requests_fail_fast() -> None:
+    model, metrics = FakeModel(), Metrics()
+    metrics.batch_wait = _Flaky(failures=1000)  # type: ignore[assignment]
+    batcher = MicroBatcher(metrics, max_batch=1, wait_s=10.0)
+    batcher.start()
+    try:
+        for i in range(MAX_RESTARTS):
+            with pytest.raises(NotReadyError, match="failed unexpectedly"):
+                await asyncio.wait_for(batcher.submit(model, [_q(i)]), 30)
+        # Down for good: refused before anything is queued.
+        with pytest.raises(NotReadyError, match="failed unexpectedly"):
+            await batcher.submit(model, [_q(99)])
+        assert not batcher._pending
+    finally:
+        await batcher.stop()
+    assert model.passes == []

@@ -88,3 +88,20 @@ def test_exposition_parses_and_labels_stay_bounded(trained: Trained, client: Tes
     assert value("multvae_batch_size_count") == 2
     assert value("multvae_batch_size_sum") == 3
     assert value("multvae_inference_seconds_count") == 2
+
+
+def test_the_method_label_is_bounded(client: TestClient) -> None:
+    for method in ("PROPFIND", "BREW", "X" * 50):
+        assert client.request(method, "/healthz").status_code == 405
+    assert client.request("OPTIONS", "/healthz").status_code == 405
+    other = {"route": "/healthz", "method": "other", "status": "405"}
+    assert metric_value(client, "multvae_http_requests_total", other) == 3
+    options = {**other, "method": "OPTIONS"}
+    assert metric_value(client, "multvae_http_requests_total", options) == 1
+    methods = {
+        sample.labels["method"]
+        for family in _families(client).values()
+        for sample in family.samples  # type: ignore[attr-defined]
+        if "method" in sample.labels
+    }
+    assert methods <= {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "other"}

@@ -10,8 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from service_support import BLOCK, IDS, Trained, cluster_of, make_settings, metric_value
 
-from multvae.recommend import topk_rows
+from multvae.recommend import EMPTY, topk_rows
 from service.app import create_app
+from service.schemas import RecommendRequest
 
 
 def _ids(columns: Any) -> list[str]:
@@ -185,3 +186,9 @@ def test_access_log_line(client: TestClient, caplog: pytest.LogCaptureFixture) -
     first = records[0].__dict__
     assert (first["method"], first["route"], first["status"]) == ("POST", "/recommend", 200)
     assert first["latency_ms"] > 0
+
+
+def test_the_service_shares_the_core_empty_array(client: TestClient) -> None:
+    model = client.app.state.pipeline.registry.current  # type: ignore[attr-defined]
+    query, _ = model.resolve(RecommendRequest(items=[IDS[0]]))
+    assert query.exclude is EMPTY  # one empty-column constant: multvae.recommend's

@@ -51,7 +51,7 @@ def test_serve_refuses_cuda_before_binding(
     trained: Trained, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["serve", "--model-dir", str(trained.model_dir), "--device", "cuda", "--port", "1"])
-    assert code == 2
+    assert code == 1  # multvae.cli: a MultVAEError exits 1
     assert "multvae serve: error: device 'cuda' was requested" in capsys.readouterr().err
 
 
@@ -59,7 +59,7 @@ def test_serve_without_a_model_says_how_to_get_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["serve", "--model-dir", str(tmp_path), "--device", "cpu", "--port", "1"])
-    assert code == 2
+    assert code == 1  # multvae.cli: a MultVAEError exits 1
     err = capsys.readouterr().err
     assert "has no CURRENT model version" in err
     assert "multvae train" in err
@@ -91,3 +91,42 @@ def test_usable_cpus_honours_a_cgroup_quota(tmp_path: Path) -> None:
     quota.write_text("garbage\n")
     assert usable_cpus(quota) == unlimited
     assert make_settings(tmp_path, torch_threads=3).inference_threads() == 3
+
+
+def test_a_bad_setting_is_one_clear_line_per_field_not_a_traceback(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MULTVAE_MAX_N", "abc")
+    monkeypatch.setenv("MULTVAE_STRICT", "maybe")
+    monkeypatch.setenv("MULTVAE_LOG_LEVEL", "loud")
+    monkeypatch.setenv("MULTVAE_API_KEY", "")  # empty is "unset", not an error
+    code = main(["serve", "--model-dir", str(trained.model_dir), "--batch-max-size", "0",
+                 "--port", "1"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "pydantic" not in err
+    assert err.splitlines() == [
+        "multvae serve: error: MULTVAE_MAX_N='abc' is not accepted: expected an integer",
+        "multvae serve: error: MULTVAE_STRICT='maybe' is not accepted: expected true or false "
+        "(also 1/0, yes/no, on/off)",
+        "multvae serve: error: --batch-max-size 0 is not accepted: "
+        "input should be greater than or equal to 1",
+        "multvae serve: error: MULTVAE_LOG_LEVEL='loud' is not accepted: log level 'loud' is not "
+        "one of critical, error, warning, info, debug",
+    ]
+
+
+def test_serve_help_says_which_options_read_a_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "Every option except --host and --port also reads its MULTVAE_*" in help_text
+    for variable in ("MULTVAE_MODEL_DIR", "MULTVAE_DEVICE", "MULTVAE_REDIS_URL",
+                     "MULTVAE_BATCH_WAIT_MS", "MULTVAE_BATCH_MAX_SIZE", "MULTVAE_LOG_LEVEL",
+                     "MULTVAE_ACCESS_LOG"):  # fmt: skip
+        assert variable in help_text
+    assert "MULTVAE_HOST" not in help_text
+    assert "MULTVAE_PORT" not in help_text
