@@ -308,7 +308,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         verdict = "REGRESSED" if regressed else "no significant regression"
         gate = f"alpha {args.alpha}, tolerance {args.tolerance}"
         print(f"B vs A on {args.metric} ({gate}): {verdict}")
-    return 1 if regressed and args.fail_on_regression else 0
+    # 3, as `multvae retrain` when its gate keeps the current version; 1 stays "an error".
+    return 3 if regressed and args.fail_on_regression else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -367,7 +368,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--fail-on-regression",
         action="store_true",
-        help="exit 1 when B is significantly worse than A by more than --tolerance",
+        help="exit 3 when B is significantly worse than A by more than --tolerance",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,0 +1,377 @@
+"""Baselines scored beside the model: popularity, EASE (Steck 2019) and WMF (Hu et al. 2008).
+
+Every baseline is fitted on the training users only. Held-out users are folded in from their
+fold-in clicks without refitting (strong generalisation, as for the model), their fold-in
+items are masked, and the top 100 go through :func:`training.evaluate.evaluate_topk`, so the
+numbers are directly comparable with the model's. Hyperparameters are chosen by validation
+NDCG@100 and the chosen fit scores the test users.
+
+* popularity: training click counts (ties by column, as the service's cold-start fallback).
+* EASE: B = I - P diag(1 / diag(P)), P = (X^T X + lambda I)^-1, scores x B; lambda from
+  :data:`EASE_GRID`. Needs dense I x I float64 matrices, so it refuses catalogues whose
+  inverse does not fit in the memory available.
+* WMF: implicit alternating least squares with confidence c = 1 + alpha * x. Each half step
+  solves every row's normal equations with a few conjugate-gradient steps warm-started from
+  the previous factors (vectorised over rows; cost O(nnz * k) per step instead of one k x k
+  solve per row). Held-out users are folded in by an exact least-squares solve against the
+  item factors. The grid is REFERENCE.md's (:data:`WMF_GRID`, 32 fits of 15 iterations):
+  20 s to 2 min on the ML-100K / ml-latest-small splits on 2 cores, depending on load. One
+  fit grows with nnz * factors (about 3 min at ML-20M shape), so pass a smaller grid there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from numpy.typing import NDArray
+
+from multvae.errors import DataError
+from multvae.ranking import mask_and_topk
+from training.dataset import HeldOut, Split
+from training.evaluate import TOP_K, Evaluation, evaluate_topk
+
+BASELINE_NAMES = ("popularity", "ease", "wmf")
+EASE_GRID: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0)
+WMF_GRID: tuple[tuple[int, float, float], ...] = tuple(
+    itertools.product((64, 128), (2.0, 5.0, 10.0, 30.0), (0.01, 1.0, 10.0, 100.0))
+)  # (factors, alpha, regularisation)
+WMF_ITERATIONS = 15
+CG_STEPS = 3
+# Dense I x I float64 arrays alive at once while the grid runs: the gram matrix, the best B so
+# far, the matrix being inverted and LAPACK's working copy of it.
+EASE_COPIES = 4
+
+# A fitted baseline: dense scores (B, I) for a batch of fold-in rows (B, I).
+Scorer = Callable[[sp.csr_matrix], NDArray[np.floating]]
+Log = Callable[[str], None]
+
+
+@dataclass
+class BaselineResult:
+    """A baseline's test and validation metrics and how its hyperparameters were chosen."""
+
+    name: str
+    test: Evaluation
+    validation: Evaluation
+    params: dict[str, Any] = field(default_factory=dict)
+    search: list[dict[str, Any]] = field(default_factory=list)  # params + validation NDCG@100
+    seconds: float = 0.0  # fitting, selection and scoring together
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "params": self.params,
+            "search": self.search,
+            "seconds": self.seconds,
+            "validation": self.validation.to_json(),
+            "test": self.test.to_json(),
+        }
+
+
+def parse_baseline_names(text: str) -> list[str]:
+    """``"popularity,ease"`` -> ["popularity", "ease"]; unknown names are refused by name."""
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BASELINE_NAMES]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown baseline(s) {', '.join(map(repr, unknown)) or repr(text)}; "
+            f"choose from {', '.join(BASELINE_NAMES)} (comma-separated)"
+        )
+    return list(dict.fromkeys(names))
+
+
+# -- ranking: every baseline goes through the same masking and metrics -----------------------
+
+
+def rank_topk(
+    score: Scorer, fold_in: sp.csr_matrix, k: int = TOP_K, batch_size: int = 1000
+) -> NDArray[np.int64]:
+    """(B, k) ranked columns per fold-in row with the row's own clicks masked."""
+    fold_in = sp.csr_matrix(fold_in, dtype=np.float64)
+    out = []
+    for start in range(0, fold_in.shape[0], batch_size):
+        block = fold_in[start : start + batch_size]
+        scores = torch.from_numpy(np.array(score(block), dtype=np.float64))  # (B, I), own copy
+        masked = [
+            block.indices[block.indptr[i] : block.indptr[i + 1]] for i in range(block.shape[0])
+        ]
+        cols, _ = mask_and_topk(scores, [m.astype(np.int64) for m in masked], k)
+        out.append(cols)
+    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+
+def evaluate_scorer(score: Scorer, heldout: HeldOut) -> Evaluation:
+    return evaluate_topk(rank_topk(score, heldout.fold_in), heldout)
+
+
+# -- popularity ------------------------------------------------------------------------------
+
+
+def popularity_scorer(train: sp.csr_matrix) -> Scorer:
+    counts = np.asarray(sp.csr_matrix(train).sum(axis=0), dtype=np.float64).ravel()
+    n = len(counts)
+    # Counts are integers, so a sub-unit offset only breaks ties: lower column first.
+    ranked = counts - np.arange(n) / (n + 1.0)
+    return lambda block: np.broadcast_to(ranked, (block.shape[0], n))
+
+
+# -- EASE ------------------------------------------------------------------------------------
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, or None where the kernel does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def ease_memory_bytes(n_items: int) -> int:
+    return EASE_COPIES * n_items * n_items * 8
+
+
+def check_ease_memory(n_items: int, available: int | None = None) -> None:
+    """Refuse EASE before allocating when its dense item-item matrices cannot fit."""
+    available = available_memory_bytes() if available is None else available
+    need = ease_memory_bytes(n_items)
+    if available is not None and need > available:
+        raise DataError(
+            f"EASE needs about {need / 1e9:.1f} GB for {n_items:,} items ({EASE_COPIES} dense "
+            f"{n_items:,} x {n_items:,} float64 matrices) but only {available / 1e9:.1f} GB is "
+            "available; drop 'ease' from --baselines, or keep fewer items (about "
+            f"{int(np.sqrt(available / (EASE_COPIES * 8))):,} fit)"
+        )
+
+
+def ease_gram(train: sp.csr_matrix) -> NDArray[np.float64]:
+    """Dense X^T X (I, I) of the binary training matrix."""
+    x = sp.csr_matrix(train, dtype=np.float64)
+    return np.asarray((x.T @ x).toarray(), dtype=np.float64)
+
+
+def ease_weights(gram: NDArray[np.float64], l2: float) -> NDArray[np.float64]:
+    """EASE's item-item matrix B (I, I) with zero diagonal; ``gram`` is left unchanged."""
+    p = torch.from_numpy(gram.copy())  # shares memory with the array returned below
+    p.diagonal().add_(l2)
+    # Cholesky and inverse in place through torch's LAPACK (MKL): scipy's bundled OpenBLAS
+    # crashes (SIGSEGV in its threaded potrf) from about 16,500 items on this 2-core machine,
+    # i.e. on ML-20M-sized catalogues.
+    try:
+        torch.linalg.cholesky(p, out=p)
+    except torch.linalg.LinAlgError as exc:
+        raise DataError(
+            f"X^T X + {l2} I is not positive definite ({exc}); use a larger L2 weight"
+        ) from exc
+    torch.cholesky_inverse(p, out=p)  # P = (X^T X + lambda I)^-1, both triangles
+    inv = p.numpy()
+    inv /= -np.diag(inv).copy()[None, :]  # B_ij = -P_ij / P_jj
+    np.fill_diagonal(inv, 0.0)
+    return inv
+
+
+def ease_scorer(weights: NDArray[np.float64]) -> Scorer:
+    return lambda block: np.asarray(block @ weights)
+
+
+# -- WMF (implicit ALS) ----------------------------------------------------------------------
+
+
+def _rows_of(m: sp.csr_matrix) -> NDArray[np.int64]:
+    return np.repeat(np.arange(m.shape[0], dtype=np.int64), np.diff(m.indptr))
+
+
+def _cg_half_step(
+    conf: sp.csr_matrix,
+    rows: NDArray[np.int64],
+    fixed: NDArray[np.float32],
+    solve_for: NDArray[np.float32],
+    alpha: float,
+    reg: float,
+    steps: int,
+    chunk: int = 8192,
+) -> NDArray[np.float32]:
+    """Approximately solve, for every row u of ``conf`` (n, m) at once,
+    (F^T F + alpha F_u^T F_u + reg I) x_u = (1 + alpha) F_u^T 1, starting from ``solve_for``.
+
+    F = ``fixed`` (m, k); F_u its rows for the items u clicked. Only clicked entries carry the
+    extra confidence, so each operator application costs O(nnz * k + n * k^2). float32 and
+    small gather chunks (which stay in cache) make the sampled product several times faster.
+    """
+    k = fixed.shape[1]
+    gram = (fixed.T @ fixed + reg * np.eye(k, dtype=np.float32)).astype(np.float32)  # (k, k)
+    cols = conf.indices
+
+    def apply(v: NDArray[np.float32]) -> NDArray[np.float32]:
+        # alpha * sum_{i in u} f_i (f_i . v_u), via a sampled dense product over clicks only.
+        d = np.empty(len(cols), dtype=np.float32)
+        for s in range(0, len(cols), chunk):
+            e = s + chunk
+            d[s:e] = np.einsum("ij,ij->i", fixed[cols[s:e]], v[rows[s:e]])
+        weighted = sp.csr_matrix((np.float32(alpha) * d, cols, conf.indptr), shape=conf.shape)
+        return np.asarray(v @ gram + weighted @ fixed, dtype=np.float32)
+
+    b = np.float32(1.0 + alpha) * np.asarray(conf @ fixed, dtype=np.float32)  # (n, k)
+    x = solve_for.copy()
+    r = b - apply(x)
+    p = r.copy()
+    rs = np.einsum("ij,ij->i", r, r)
+    for _ in range(steps):
+        ap = apply(p)
+        denom = np.einsum("ij,ij->i", p, ap)
+        step = np.divide(rs, denom, out=np.zeros_like(rs), where=denom > 0)
+        x += step[:, None] * p
+        r -= step[:, None] * ap
+        rs_new = np.einsum("ij,ij->i", r, r)
+        ratio = np.divide(rs_new, rs, out=np.zeros_like(rs), where=rs > 0)
+        p = r + ratio[:, None] * p
+        rs = rs_new
+    return x
+
+
+def wmf_fit(
+    train: sp.csr_matrix,
+    factors: int,
+    alpha: float,
+    reg: float,
+    iterations: int = WMF_ITERATIONS,
+    cg_steps: int = CG_STEPS,
+    seed: int = 0,
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """(user factors (n, k), item factors (m, k)) by implicit ALS on the binary ``train``."""
+    x = sp.csr_matrix(train, dtype=np.float32)
+    x.data[:] = 1.0
+    xt = sp.csr_matrix(x.T)
+    rows_u, rows_i = _rows_of(x), _rows_of(xt)
+    rng = np.random.default_rng(seed)
+    items = rng.normal(0.0, 0.01, (x.shape[1], factors)).astype(np.float32)
+    users = np.zeros((x.shape[0], factors), dtype=np.float32)
+    for _ in range(iterations):
+        users = _cg_half_step(x, rows_u, items, users, alpha, reg, cg_steps)
+        items = _cg_half_step(xt, rows_i, users, items, alpha, reg, cg_steps)
+    return users, items
+
+
+def wmf_fold_in(
+    fold_in: sp.csr_matrix, item_factors: NDArray[np.floating], alpha: float, reg: float
+) -> NDArray[np.float64]:
+    """Exact least-squares user factors (B, k) for held-out rows, item factors fixed."""
+    fold_in = sp.csr_matrix(fold_in)
+    items = np.asarray(item_factors, dtype=np.float64)  # solve in float64: few users, exact
+    k = items.shape[1]
+    gram = items.T @ items + reg * np.eye(k)
+    a = np.empty((fold_in.shape[0], k, k))
+    b = np.empty((fold_in.shape[0], k))
+    for u in range(fold_in.shape[0]):
+        fu = items[fold_in.indices[fold_in.indptr[u] : fold_in.indptr[u + 1]]]  # (n_u, k)
+        a[u] = gram + alpha * (fu.T @ fu)
+        b[u] = (1.0 + alpha) * fu.sum(axis=0)
+    if not len(a):
+        return b
+    return np.asarray(np.linalg.solve(a, b[:, :, None])[:, :, 0], dtype=np.float64)
+
+
+def wmf_scorer(items: NDArray[np.floating], alpha: float, reg: float) -> Scorer:
+    return lambda block: wmf_fold_in(block, items, alpha, reg) @ items.T
+
+
+# -- selection on validation users and the public entry point --------------------------------
+
+
+def _select(
+    name: str,
+    split: Split,
+    candidates: Sequence[dict[str, Any]],
+    fit: Callable[[dict[str, Any]], Scorer],
+    log: Log | None,
+) -> BaselineResult:
+    tic = time.perf_counter()
+    best: tuple[float, dict[str, Any], Scorer, Evaluation] | None = None
+    search: list[dict[str, Any]] = []
+    for params in candidates:
+        scorer = fit(params)
+        val = evaluate_scorer(scorer, split.validation)
+        ndcg = float(val.per_user["ndcg@100"].mean())
+        search.append({**params, "val_ndcg@100": ndcg})
+        if log is not None and len(candidates) > 1:
+            log(f"  {name} {params}: validation NDCG@100 {ndcg:.4f}")
+        if best is None or ndcg > best[0]:
+            best = (ndcg, params, scorer, val)
+    assert best is not None, "a baseline needs at least one candidate"
+    _, params, scorer, val = best
+    test = evaluate_scorer(scorer, split.test)
+    return BaselineResult(name, test, val, dict(params), search, time.perf_counter() - tic)
+
+
+def run_popularity(split: Split, log: Log | None = None) -> BaselineResult:
+    return _select("popularity", split, [{}], lambda _: popularity_scorer(split.train), log)
+
+
+def run_ease(
+    split: Split, grid: Sequence[float] = EASE_GRID, log: Log | None = None
+) -> BaselineResult:
+    check_ease_memory(split.n_items)
+    gram = ease_gram(split.train)  # shared by the grid: only lambda changes
+    candidates = [{"l2": float(v)} for v in grid]
+    return _select(
+        "ease", split, candidates, lambda p: ease_scorer(ease_weights(gram, p["l2"])), log
+    )
+
+
+def run_wmf(
+    split: Split,
+    grid: Sequence[tuple[int, float, float]] = WMF_GRID,
+    iterations: int = WMF_ITERATIONS,
+    seed: int = 0,
+    log: Log | None = None,
+) -> BaselineResult:
+    def fit(p: dict[str, Any]) -> Scorer:
+        _, items = wmf_fit(split.train, p["factors"], p["alpha"], p["reg"], iterations, seed=seed)
+        return wmf_scorer(items, p["alpha"], p["reg"])
+
+    candidates = [{"factors": f, "alpha": a, "reg": r} for f, a, r in grid]
+    result = _select("wmf", split, candidates, fit, log)
+    result.params["iterations"] = iterations
+    return result
+
+
+def run_baselines(
+    split: Split,
+    names: Sequence[str],
+    *,
+    ease_grid: Sequence[float] = EASE_GRID,
+    wmf_grid: Sequence[tuple[int, float, float]] = WMF_GRID,
+    wmf_iterations: int = WMF_ITERATIONS,
+    seed: int = 0,
+    log: Log | None = None,
+) -> dict[str, BaselineResult]:
+    """Fit, select on validation NDCG@100 and score on the test users each named baseline."""
+    unknown = [n for n in names if n not in BASELINE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINE_NAMES}")
+    if "ease" in names:
+        check_ease_memory(split.n_items)  # before any work, so the refusal is immediate
+    results: dict[str, BaselineResult] = {}
+    for name in names:
+        if name == "popularity":
+            results[name] = run_popularity(split, log)
+        elif name == "ease":
+            results[name] = run_ease(split, ease_grid, log)
+        else:
+            results[name] = run_wmf(split, wmf_grid, wmf_iterations, seed, log)
+        if log is not None:
+            r = results[name]
+            log(
+                f"{name}: {r.params or 'no hyperparameters'}, validation NDCG@100 "
+                f"{r.validation.per_user['ndcg@100'].mean():.4f} ({r.seconds:.1f} s)"
+            )
+    return results
