@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     # Load shedding: above this many histories waiting for a forward pass, answer 503 at once
     # (with Retry-After) instead of letting the queue, and every request's latency, grow.
     max_pending: int = Field(default=1024, ge=1)
-    # Threads inside one forward pass; None = the usable cores less one, which is left to the
-    # event loop (on 2 cores, two torch threads fighting the loop are slower than one).
+    # Threads inside one forward pass; None = every usable core. The event loop mostly waits
+    # while a pass runs: on a quiet 2-core machine two threads doubled cache-miss throughput at
+    # concurrency 32 (bench/RESULTS.md). On a box shared with other busy processes, 1 is better.
     torch_threads: int | None = Field(default=None, ge=1)
 
     # Cache: Redis when a URL is set, else an in-process LRU.
@@ -78,7 +79,7 @@ class Settings(BaseSettings):
     def inference_threads(self) -> int:
         if self.torch_threads is not None:
             return self.torch_threads
-        return max(1, usable_cpus() - 1)
+        return usable_cpus()
 
     @field_validator("redis_url", "api_key", mode="before")
     @classmethod
