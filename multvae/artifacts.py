@@ -148,15 +148,29 @@ def write_version(
     return version
 
 
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` all at once: temp file, fsync, rename, fsync the dir.
+
+    Readers see the old content or the new, never a partial file; on failure nothing changes.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def set_current(model_dir: Path | str, version: str) -> None:
     """Atomically point ``CURRENT`` at an existing, verified version."""
     model_dir = Path(model_dir)
     verify_version(model_dir / VERSIONS / version)
-    tmp = model_dir / f".{CURRENT}.tmp-{uuid.uuid4().hex}"
-    tmp.write_text(version + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, model_dir / CURRENT)
-    _fsync_dir(model_dir)
+    atomic_write(model_dir / CURRENT, (version + "\n").encode())
 
 
 def current_version(model_dir: Path | str) -> str | None:

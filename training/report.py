@@ -19,8 +19,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from multvae.artifacts import ModelVersion
+from multvae.artifacts import ModelVersion, atomic_write
 from training.baselines import BaselineResult
 from training.evaluate import Evaluation
 from training.stats import PairedTest, paired_tests, quintile_tests
@@ -255,19 +253,6 @@ def quintile_png(
 # -- writing ---------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report(
     out_dir: Path | str,
     model_eval: Evaluation,
@@ -358,7 +343,7 @@ def write_report(
     md += ["## Figures", ""]
     page.append("<h2>Figures</h2>")
     for caption, name, png in images:
-        _atomic_write(out / name, png)
+        atomic_write(out / name, png)
         md += [f"![{caption}]({name})", ""]
         b64 = base64.b64encode(png).decode("ascii")
         page.append(
@@ -379,8 +364,8 @@ def write_report(
         + "</body></html>\n"
     )
     md_path, html_path = out / REPORT_MD, out / REPORT_HTML
-    _atomic_write(md_path, "\n".join(md).encode())
-    _atomic_write(html_path, document.encode())
+    atomic_write(md_path, "\n".join(md).encode())
+    atomic_write(html_path, document.encode())
     return md_path, html_path
 
 

@@ -29,14 +29,19 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from multvae.artifacts import VERSIONS, current_version, remove_old_versions, set_current
+from multvae.artifacts import (
+    VERSIONS,
+    atomic_write,
+    current_version,
+    remove_old_versions,
+    set_current,
+)
 from multvae.device import resolve_device
 from multvae.errors import MultVAEError
 from training.cli import (
@@ -127,17 +132,7 @@ def _write_report_atomically(model_dir: Path, started: datetime, report: dict[st
     reports = model_dir / REPORTS
     reports.mkdir(parents=True, exist_ok=True)
     path = reports / f"retrain-{started.strftime('%Y%m%dT%H%M%S%fZ')}.json"
-    tmp = reports / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        with tmp.open("w") as fh:
-            json.dump(report, fh, indent=2, allow_nan=False)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     return path
 
 
