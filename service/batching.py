@@ -73,6 +73,11 @@ class MicroBatcher:
     def enabled(self) -> bool:
         return self.wait_s > 0
 
+    @property
+    def broken(self) -> str | None:
+        """Why every submit is refused for good (the consumer stayed down), else None."""
+        return self._broken
+
     def start(self) -> None:
         if self.enabled and self._task is None:
             self._stopping = False

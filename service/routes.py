@@ -174,8 +174,10 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
 async def readyz(request: Request) -> dict[str, str]:
-    """A model is loaded; the cache's state does not decide readiness."""
+    """A model is loaded and inference works; the cache's state does not decide readiness."""
     pipeline = await get_pipeline(request)
+    if pipeline.batcher.broken is not None:
+        raise NotReadyError(pipeline.batcher.broken)
     return {"status": "ready", "model_version": pipeline.model().version}
 
 

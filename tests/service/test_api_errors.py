@@ -230,6 +230,18 @@ def test_not_ready_outside_the_lifespan(trained: Trained) -> None:
     assert client.post("/recommend", json={"items": []}).status_code == 503
 
 
+def test_not_ready_once_inference_stays_down(
+    trained: Trained, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with TestClient(create_app(make_settings(trained.model_dir))) as client:
+        assert client.get("/readyz").status_code == 200
+        batcher = client.app.state.pipeline.batcher  # type: ignore[attr-defined]
+        monkeypatch.setattr(batcher, "_broken", "the inference worker failed unexpectedly")
+        response = client.get("/readyz")
+        assert response.status_code == 503
+        assert "inference worker failed" in response.json()["detail"]
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -245,6 +245,7 @@ async def test_a_consumer_that_keeps_dying_stays_down_and_requests_fail_fast() -
         with pytest.raises(NotReadyError, match="failed unexpectedly"):
             await batcher.submit(model, [_q(99)])
         assert not batcher._pending
+        assert batcher.broken is not None  # /readyz reports this and turns 503
     finally:
         await batcher.stop()
     assert model.passes == []
