@@ -28,8 +28,9 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Dependency layers first: they change rarely and take minutes; source edits reuse them.
-# same as CI (1/2): torch from its own index (CPU wheels by default, no CUDA libraries).
-RUN python -m pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# same as CI (1/2): torch from its own index (CPU wheels by default, no CUDA libraries; an
+# empty TORCH_INDEX_URL uses pip's configured indexes, as CI does).
+RUN python -m pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
 # The other dependencies, from pyproject.toml alone: empty packages stand in for the source.
 COPY pyproject.toml README.md ./
 RUN mkdir multvae training service \

@@ -13,7 +13,9 @@
 set -eu
 
 TORCH_VERSION=2.13.0
-TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The image's default; .ci/run sets it empty: CI machines reach only PyPI-style registries,
+# and their pip is configured with the CPU wheel, so pip's own configuration is used there.
+TORCH_INDEX_URL="${TORCH_INDEX_URL-https://download.pytorch.org/whl/cpu}"
 PYTHON="${PYTHON:-python3}"
 
 if [ "${SKIP_APT:-0}" != 1 ]; then
@@ -22,7 +24,7 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
         docker-compose prometheus
 fi
 
-"$PYTHON" -m pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+"$PYTHON" -m pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
 "$PYTHON" -m pip install .
 
 "$PYTHON" -m pip install -e ".[dev]"
