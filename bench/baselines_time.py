@@ -40,7 +40,7 @@ from training.baselines import (
     wmf_scorer,
 )
 from training.dataset import Split
-from training.evaluate import Evaluation, evaluate_model
+from training.evaluate import Evaluation, evaluate_model, mean_se
 from training.pipeline import DataSpec, prepare
 from training.report import best_baseline
 from training.stats import paired_tests
@@ -57,7 +57,7 @@ METRICS = ("recall@20", "recall@50", "ndcg@100")
 
 def cell(ev: Evaluation, metric: str) -> str:
     s = ev.summary()[metric]
-    return f"{s['mean']:.4f} ± {s['se']:.4f}"
+    return mean_se(s["mean"], s["se"])
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -31,7 +31,14 @@ from multvae.artifacts import MANIFEST, VERSIONS, ModelVersion, load_version
 from multvae.errors import DataError
 from multvae.recommend import topk
 from training.dataset import HeldOut
-from training.evaluate import HELDOUT_FILE, TOP_K, Evaluation, evaluate_topk, load_heldout
+from training.evaluate import (
+    HELDOUT_FILE,
+    TOP_K,
+    Evaluation,
+    evaluate_topk,
+    load_heldout,
+    mean_se,
+)
 from training.stats import PairedTest, paired_tests, quintile_tests
 
 GATE_METRIC = "ndcg@100"
@@ -72,7 +79,7 @@ class ComparisonResult:
     ) -> bool:
         """B is worse than A on ``metric`` by more than ``tolerance``, significant at ``alpha``."""
         t = self.tests[metric]
-        return t.diff < -tolerance and t.p < alpha
+        return t.diff < -tolerance and t.significant(alpha)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -99,10 +106,9 @@ class ComparisonResult:
         ]
         sa, sb = self.a.summary(), self.b.summary()
         for m, t in self.tests.items():
-            a = f"{sa[m]['mean']:.4f} ± {sa[m]['se']:.4f}"
-            b = f"{sb[m]['mean']:.4f} ± {sb[m]['se']:.4f}"
-            diff = f"{t.diff:+.4f}" + (f" ± {t.se_diff:.4f}" if np.isfinite(t.se_diff) else "")
-            lines.append(f"  {m:<10} {a:<15} {b:<15} {diff:<16} {t.p:>9.3g} {t.stars}".rstrip())
+            a, b = mean_se(sa[m]["mean"], sa[m]["se"]), mean_se(sb[m]["mean"], sb[m]["se"])
+            line = f"  {m:<10} {a:<15} {b:<15} {t.diff_text:<16} {t.p:>9.3g} {t.stars}"
+            lines.append(line.rstrip())
         lines.append("  NDCG@100 by fold-in activity quintile (B - A):")
         for q, t in zip(self.a.quintiles(), self.quintiles, strict=True):
             lines.append(

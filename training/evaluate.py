@@ -79,8 +79,9 @@ def evaluate_model(model: MultVAE, heldout: HeldOut) -> Evaluation:
     return evaluate_topk(topk_rows(model, heldout.fold_in, TOP_K), heldout)
 
 
-def _se(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+def mean_se(mean: float, se: float | None) -> str:
+    """``mean ± se``; an undefined standard error (one user) reads "n/a"."""
+    return f"{mean:.4f} ± " + ("n/a" if se is None else f"{se:.4f}")
 
 
 def format_evaluation(name: str, evaluation: Evaluation) -> str:
@@ -88,12 +89,12 @@ def format_evaluation(name: str, evaluation: Evaluation) -> str:
     summary = evaluation.summary()
     lines = [f"{name}: {evaluation.n_users} test users"]
     for metric, stats in summary.items():
-        lines.append(f"  {metric:<10} {stats['mean']:.4f} ± {_se(stats['se'])}")
+        lines.append(f"  {metric:<10} {mean_se(stats['mean'], stats['se'])}")
     lines.append("  NDCG@100 by fold-in activity quintile:")
     for q in evaluation.quintiles():
         lines.append(
             f"    Q{q['quintile']} ({q['min_clicks']}-{q['max_clicks']} clicks, "
-            f"{q['users']} users): {q['mean']:.4f} ± {_se(q['se'])}"
+            f"{q['users']} users): {mean_se(q['mean'], q['se'])}"
         )
     return "\n".join(lines)
 

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from multvae.artifacts import ModelVersion, atomic_write
 from training.baselines import BaselineResult
-from training.evaluate import Evaluation
+from training.evaluate import Evaluation, mean_se
 from training.stats import PairedTest, paired_tests, quintile_tests
 
 REPORTS = "reports"
@@ -83,10 +83,6 @@ def data_summary(stats: Mapping[str, Any]) -> dict[str, Any]:
 # -- tables ----------------------------------------------------------------------------------
 
 
-def fmt(mean: float, se: float) -> str:
-    return f"{mean:.4f} ± {se:.4f}"
-
-
 def _name(key: str) -> str:
     return DISPLAY.get(key, key)
 
@@ -109,18 +105,17 @@ def _metrics_table(
     for name, ev in methods.items():
         s = ev.summary()
         chosen = ", ".join(f"{k}={v}" for k, v in params.get(name, {}).items())
-        rows.append([name, *(fmt(s[m]["mean"], s[m]["se"]) for m in METRICS), chosen or "-"])
+        rows.append([name, *(mean_se(s[m]["mean"], s[m]["se"]) for m in METRICS), chosen or "-"])
     return rows
 
 
 def _test_row(label: str, t: PairedTest) -> Row:
     tval = f"{t.t:.2f}" if np.isfinite(t.t) else ("inf" if t.t > 0 else "-inf")
-    diff = f"{t.diff:+.4f}" + (f" ± {t.se_diff:.4f}" if np.isfinite(t.se_diff) else "")
     return [
         label,
         f"{t.mean_a:.4f}",
         f"{t.mean_b:.4f}",
-        diff,
+        t.diff_text,
         tval,
         f"{t.p:.3g}",
         t.stars or "n.s.",
@@ -144,7 +139,7 @@ def _quintile_table(
     per_method = {n: ev.quintiles() for n, ev in methods.items()}
     for i, q in enumerate(first.quintiles()):
         label = f"Q{q['quintile']}: {q['min_clicks']}-{q['max_clicks']} clicks, {q['users']} users"
-        row = [label, *(fmt(per_method[n][i]["mean"], per_method[n][i]["se"]) for n in methods)]
+        row = [label, *(mean_se(per_method[n][i]["mean"], per_method[n][i]["se"]) for n in methods)]
         if tests is not None:
             row.append(f"{tests[i].p:.3g} {tests[i].stars}".strip())
         rows.append(row)
@@ -223,7 +218,7 @@ def quintile_png(
     for i, (name, ev) in enumerate(methods.items()):
         qs = ev.quintiles()
         means = np.array([q["mean"] for q in qs])
-        ses = np.nan_to_num(np.array([q["se"] for q in qs]))
+        ses = np.array([q["se"] or 0.0 for q in qs])  # no error bar where it is undefined
         ax.bar(
             x + (i - (len(methods) - 1) / 2) * width,
             means,

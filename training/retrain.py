@@ -352,7 +352,7 @@ def register_retrain(subparsers: Any) -> None:
     g = p.add_argument_group("housekeeping and output")
     g.add_argument(
         "--keep", type=int, default=3,
-        help="versions kept by garbage collection, besides CURRENT (default 3, at least 1)",
+        help="garbage collection keeps the newest N versions, and CURRENT always (default 3)",
     )  # fmt: skip
     g.add_argument(
         "--keep-refused", action="store_true",

@@ -53,6 +53,12 @@ class PairedTest:
     def significant(self, alpha: float = 0.05) -> bool:
         return self.p < alpha
 
+    @property
+    def diff_text(self) -> str:
+        """``+0.0123 ± 0.0045`` (B - A), the standard error left out when undefined."""
+        se = f" ± {self.se_diff:.4f}" if math.isfinite(self.se_diff) else ""
+        return f"{self.diff:+.4f}{se}"
+
     def to_json(self) -> dict[str, Any]:
         def finite(x: float) -> float | None:
             return x if math.isfinite(x) else None

@@ -192,3 +192,11 @@ def test_evaluate_with_baselines_writes_the_report_it_prints(
     assert "| # of users | 200 |" in text
     assert_png((reports[0] / CURVE_PNG).read_bytes())
     assert f"report: {reports[0] / 'report.md'}" in printed
+
+
+def test_a_one_user_group_reports_its_undefined_standard_error(tmp_path: Path) -> None:
+    one = Evaluation({m: np.array([0.5]) for m in ("recall@20", "recall@50", "ndcg@100")},
+                     np.array([7]))
+    assert "0.5000 ± n/a" in format_evaluation("test", one)
+    md, _ = write_report(tmp_path, one, {"popularity": one}, [], data_summary(STATS))
+    assert "0.5000 ± n/a" in md.read_text()
