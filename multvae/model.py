@@ -234,14 +234,23 @@ class MultVAE(nn.Module):
         k = self.config.latent_dim
         return h[:, :k], h[:, k:]  # (B, K), (B, K)
 
+    def decode_hidden(self, z: Tensor) -> Tensor:
+        """The decoder up to its output layer: (B, K) -> (B, p_dims[-2]), the tanh applied."""
+        h = z
+        for layer in self.decoder[:-1]:
+            h = torch.tanh(layer(h))
+        return h
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The decoder's last layer, p_dims[-2] -> I: nearly all of a fold-in's arithmetic."""
+        layer = self.decoder[-1]
+        assert isinstance(layer, nn.Linear)
+        return layer
+
     def decode(self, z: Tensor) -> Tensor:
         """Decoder logits f_theta(z): (B, K) -> (B, I)."""
-        h = z
-        for i, layer in enumerate(self.decoder):
-            h = layer(h)
-            if i < len(self.decoder) - 1:
-                h = torch.tanh(h)
-        return h
+        return self.output_layer(self.decode_hidden(z))
 
     def forward(self, x: SparseRows) -> tuple[Tensor, Tensor, Tensor | None]:
         """(logits, mu, logvar); z is sampled by reparameterisation in training, z = mu else."""
@@ -250,12 +259,6 @@ class MultVAE(nn.Module):
         if self.training and logvar is not None:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
         return self.decode(z), mu, logvar
-
-    @torch.no_grad()
-    def scores(self, x: SparseRows) -> Tensor:
-        """Fold-in scores: decoder logits at the encoder mean, (B, I). Call in eval mode."""
-        mu, _ = self.encode(x)
-        return self.decode(mu)
 
     # -- objective -------------------------------------------------------------------------
 

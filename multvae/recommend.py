@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from numpy.typing import NDArray
+from torch import Tensor
 
 from multvae.items import ItemIndex
 from multvae.model import MultVAE, SparseRows
@@ -43,26 +44,79 @@ def _rows(histories: Sequence[NDArray[np.int64]], n_items: int, device: torch.de
     return SparseRows.from_csr(x, device)
 
 
-@torch.inference_mode()
+class Scorer:
+    """Fold-in scores for a model: z = mu(x), logits = f(z), seen items masked for top-k.
+
+    The decoder's output layer (p_dims[-2] x I) is almost all of a fold-in's arithmetic. On
+    the CPU it runs through oneDNN's linear kernel on the layer's own (live) weights instead
+    of ``F.linear``, which goes to MKL: on the machine measured (bench/RESULTS.md) MKL did not
+    use AVX-512 on that AMD CPU and scaled poorly over threads, and oneDNN took 2x less time
+    at batch 17 with 2 threads. Exact fp32 either way. Where that kernel is missing or
+    disagrees with ``F.linear`` on a probe row, the plain layer is used.
+    """
+
+    def __init__(self, model: MultVAE) -> None:
+        self.model = model.eval()
+        self.device = model.input_weight.device
+        self.onednn = self.device.type == "cpu" and _onednn_agrees(model.output_layer)
+
+    @torch.inference_mode()
+    def scores(self, x: SparseRows) -> Tensor:
+        """(B, I) decoder logits at the encoder mean."""
+        hidden = self.model.decode_hidden(self.model.encode(x)[0])
+        layer = self.model.output_layer
+        if self.onednn:
+            return _onednn_linear(hidden, layer.weight, layer.bias)
+        return layer(hidden)
+
+    @torch.inference_mode()
+    def topk(
+        self,
+        histories: Sequence[NDArray[np.int64]],
+        k: int,
+        exclude: Sequence[NDArray[np.int64]] | None = None,
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """(B, k) top columns and scores for non-empty histories, history and exclude masked."""
+        scores = self.scores(_rows(histories, self.model.config.n_items, self.device))
+        masked = list(histories)
+        if exclude is not None:
+            masked = [np.concatenate([h, e]) for h, e in zip(histories, exclude, strict=True)]
+        return mask_and_topk(scores, masked, k)
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    # The op torch's own CPU compiler (inductor) emits for a linear layer, on plain tensors.
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _onednn_agrees(layer: torch.nn.Linear) -> bool:
+    """Whether oneDNN's linear is usable here and gives what ``F.linear`` gives."""
+    if not torch.backends.mkldnn.is_available() or layer.weight.dtype != torch.float32:
+        return False
+    with torch.inference_mode():
+        probe = torch.linspace(-1.0, 1.0, layer.in_features).unsqueeze(0)
+        try:
+            got = _onednn_linear(probe, layer.weight, layer.bias)
+        except (AttributeError, RuntimeError):  # a torch without the op, an unsupported CPU
+            return False
+        return bool(torch.allclose(got, layer(probe), rtol=1e-4, atol=1e-5))
+
+
 def topk(
     model: MultVAE,
     histories: Sequence[NDArray[np.int64]],
     k: int,
     exclude: Sequence[NDArray[np.int64]] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """(B, k) top columns and scores for non-empty histories, history and exclude masked."""
-    device = model.input_weight.device
-    scores = model.scores(_rows(histories, model.config.n_items, device))  # (B, I)
-    masked = list(histories)
-    if exclude is not None:
-        masked = [np.concatenate([h, e]) for h, e in zip(histories, exclude, strict=True)]
-    return mask_and_topk(scores, masked, k)
+    """:meth:`Scorer.topk` for one batch."""
+    return Scorer(model).topk(histories, k, exclude)
 
 
 def topk_rows(
     model: MultVAE, fold_in: sp.csr_matrix, k: int, batch_size: int = 1000
 ) -> NDArray[np.int64]:
     """Ranked top-k columns for every row of a fold-in matrix (evaluation), in batches."""
+    scorer = Scorer(model)
     fold_in = sp.csr_matrix(fold_in)
     out = []
     for start in range(0, fold_in.shape[0], batch_size):
@@ -71,7 +125,7 @@ def topk_rows(
             block.indices[block.indptr[i] : block.indptr[i + 1]].astype(np.int64)
             for i in range(block.shape[0])
         ]
-        cols, _ = topk(model, histories, k)
+        cols, _ = scorer.topk(histories, k)
         out.append(cols)
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
@@ -82,9 +136,13 @@ class Recommender:
     def __init__(self, model: MultVAE, items: ItemIndex) -> None:
         if model.config.n_items != len(items):
             raise ValueError(f"model has {model.config.n_items} items, index has {len(items)}")
-        self.model = model.eval()
+        self.scorer = Scorer(model)
         self.items = items
         self._popularity_order = items.popularity_ranking()
+
+    @property
+    def model(self) -> MultVAE:
+        return self.scorer.model
 
     @property
     def n_items(self) -> int:
@@ -103,8 +161,7 @@ class Recommender:
         model_rows = [b for b, h in enumerate(histories) if len(h)]
         if model_rows:
             k = min(max(n[b] for b in model_rows), self.n_items)
-            cols, scores = topk(
-                self.model,
+            cols, scores = self.scorer.topk(
                 [histories[b] for b in model_rows],
                 k,
                 [exclude[b] for b in model_rows],

@@ -63,6 +63,9 @@ class RequestMiddleware:
         self.app = app
         self.metrics = metrics
         self.log_access = log_access
+        # Label children by (route, method, status): a bounded set (templates x methods x
+        # statuses), and ``labels()`` takes a lock and builds a tuple on every call.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,9 +118,13 @@ class RequestMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
         label = method if method in _METHODS else "other"
-        code = str(status)
-        self.metrics.requests.labels(template, label, code).inc()
-        self.metrics.latency.labels(template, label, code).observe(seconds)
+        children = self._children.get((template, label, status))
+        if children is None:
+            labels = (template, label, str(status))
+            children = (self.metrics.requests.labels(*labels), self.metrics.latency.labels(*labels))
+            self._children[(template, label, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
         if self.log_access:
             access_log.info(
                 "request",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
+from multvae import recommend
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE, SparseRows
-from multvae.recommend import Recommender, topk_rows
+from multvae.recommend import Recommender, Scorer, topk_rows
 
 
 def _recommender(n_items: int = 50) -> Recommender:
@@ -62,3 +64,62 @@ def test_batch_equals_single_calls_and_offline_topk() -> None:
     offline = topk_rows(rec.model, fold_in, 7)
     np.testing.assert_array_equal(offline[1], batch[2].columns)
     np.testing.assert_array_equal(offline[0][:5], rec.recommend(np.array([1, 2]), 5).columns)
+
+
+def _reference(model: MultVAE, x: SparseRows) -> torch.Tensor:
+    with torch.no_grad():
+        return model.decode(model.encode(x)[0])
+
+
+def _random_rows(batch: int, n_items: int, seed: int) -> SparseRows:
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((batch, n_items)) < 0.02).astype(np.float32)
+    dense[:, 0] = 1.0  # no empty row
+    return SparseRows.from_csr(sp.csr_matrix(dense))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_scorer_runs_the_output_layer_through_onednn_and_matches_f_linear() -> None:
+    torch.manual_seed(0)
+    model = MultVAE(ModelConfig.default("multvae", 3000)).eval()  # [3000 -> 600 -> 200 -> ...]
+    scorer = Scorer(model)
+    assert scorer.onednn
+    for batch in (1, 7, 64):
+        x = _random_rows(batch, 3000, batch)
+        torch.testing.assert_close(scorer.scores(x), _reference(model, x), rtol=1e-5, atol=1e-5)
+
+
+def test_scorer_sees_weights_changed_in_place() -> None:
+    # Training evaluates between optimiser steps, which update the weights in place: no
+    # kernel may serve a stale copy of them.
+    torch.manual_seed(0)
+    model = MultVAE(ModelConfig.default("multvae", 300)).eval()
+    x = _random_rows(4, 300, 1)
+    scorer = Scorer(model)
+    assert scorer.onednn == torch.backends.mkldnn.is_available()  # the kernel under test
+    old = scorer.scores(x).clone()
+    with torch.no_grad():
+        model.output_layer.weight.mul_(-1.0)
+        model.output_layer.bias.mul_(-1.0)
+    torch.testing.assert_close(scorer.scores(x), -old, rtol=1e-5, atol=1e-5)
+    fold_in = sp.csr_matrix((np.ones(2), ([0, 0], [1, 2])), shape=(1, 300))
+    ranked = topk_rows(model, fold_in, 5)[0]
+    history = SparseRows.from_csr(fold_in)
+    expected = _reference(model, history)[0]
+    expected[[1, 2]] = -torch.inf
+    np.testing.assert_array_equal(ranked, torch.topk(expected, 5).indices.numpy())
+
+
+def test_scorer_falls_back_to_the_plain_layer_when_onednn_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_: object) -> torch.Tensor:
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr(recommend, "_onednn_linear", broken)
+    torch.manual_seed(0)
+    model = MultVAE(ModelConfig.default("multvae", 300)).eval()
+    scorer = Scorer(model)
+    assert not scorer.onednn
+    x = _random_rows(3, 300, 2)
+    torch.testing.assert_close(scorer.scores(x), _reference(model, x))
