@@ -21,9 +21,10 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.logs import AccessLog
 from service.metrics import Metrics
 
-access_log = logging.getLogger("multvae.access")
+access_log = AccessLog()
 log = logging.getLogger("multvae.error")
 
 HEADER = b"x-request-id"
@@ -128,7 +129,7 @@ class RequestMiddleware:
         if self.log_access:
             access_log.info(
                 "request",
-                extra={
+                {
                     "method": method,
                     "route": template,
                     "status": status,
