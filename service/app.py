@@ -13,6 +13,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import FastAPI
@@ -27,7 +28,7 @@ from service.metrics import Metrics
 from service.middleware import RequestMiddleware
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
-from service.routes import router
+from service.routes import REQUEST_SCHEMAS, recommend_router, router
 from service.settings import Settings
 
 log = logging.getLogger("multvae.app")
@@ -89,6 +90,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.pipeline = None
     install_handlers(app)
+    app.include_router(recommend_router)
     app.include_router(router)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # The recommend bodies are parsed by hand, so FastAPI does not know their models.
+        spec = generate()  # built once, then cached by FastAPI
+        spec.setdefault("components", {}).setdefault("schemas", {}).update(REQUEST_SCHEMAS)
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(RequestMiddleware, metrics=metrics, log_access=settings.access_log)
     return app

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -192,3 +193,34 @@ def test_the_service_shares_the_core_empty_array(client: TestClient) -> None:
     model = client.app.state.pipeline.registry.current  # type: ignore[attr-defined]
     query, _ = model.resolve(RecommendRequest(items=[IDS[0]]))
     assert query.exclude is EMPTY  # one empty-column constant: multvae.recommend's
+
+
+def test_openapi_documents_the_hand_parsed_endpoints(client: TestClient) -> None:
+    # The recommend endpoints read their body and query themselves (DirectRoute): the schema
+    # must still tell clients what to send and what comes back.
+    spec = client.get("/openapi.json").json()
+    for path, body in (("/recommend", "RecommendRequest"), ("/recommend/batch", "BatchRequest")):
+        operation = spec["paths"][path]["post"]
+        assert [p["name"] for p in operation["parameters"]] == ["strict"]
+        ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{body}"
+        assert spec["components"]["schemas"][body]["additionalProperties"] is False
+        assert {"200", "400", "413", "415", "422", "503"} <= set(operation["responses"])
+    ok = spec["paths"]["/recommend"]["post"]["responses"]["200"]["content"]["application/json"]
+    assert ok["schema"]["$ref"].endswith("/RecommendResponse")
+    nested = spec["components"]["schemas"]["BatchRequest"]["properties"]["requests"]["items"]
+    assert nested == {"$ref": "#/components/schemas/RecommendRequest"}
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            yield from ([node["$ref"]] if "$ref" in node else [])
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    schemas = spec["components"]["schemas"]
+    for ref in refs(spec):  # every reference resolves inside the document
+        assert ref.startswith("#/components/schemas/"), ref
+        assert ref.rsplit("/", 1)[1] in schemas, ref
