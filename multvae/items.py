@@ -59,15 +59,15 @@ class ItemIndex:
     def columns(self, items: Iterable[str]) -> tuple[NDArray[np.int64], list[str]]:
         """(known columns in input order, unknown ids in input order)."""
         lookup: dict[str, int] = self._lookup  # type: ignore[attr-defined]
-        items = list(items)
-        # One C-level pass; the per-item loop runs only when some id is unknown. This is on
-        # the service's event loop for every request.
-        found = list(map(lookup.get, items))
-        if None not in found:
-            return np.array(found, dtype=np.int64), []
-        cols = [c for c in found if c is not None]
-        unknown = [item for item, c in zip(items, found, strict=True) if c is None]
-        return np.array(cols, dtype=np.int64), unknown
+        cols: list[int] = []
+        unknown: list[str] = []
+        for item in items:
+            col = lookup.get(item)
+            if col is None:
+                unknown.append(item)
+            else:
+                cols.append(col)
+        return np.asarray(cols, dtype=np.int64), unknown
 
     def popularity_ranking(self) -> NDArray[np.int64]:
         """Columns by descending training popularity; ties by column (stable)."""
