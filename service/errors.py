@@ -168,8 +168,14 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
 def install_handlers(app: FastAPI) -> None:
     """Render every error as JSON with a ``detail``."""
 
-    async def service_error(_: Request, exc: Exception) -> JSONResponse:
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
+        # Both are 503s in the request metrics; an operator needs to tell shedding (scale
+        # out) from a service without a working model (see its log and /readyz). A 503 from
+        # /readyz is the probe's answer, not a refused request.
+        reason = {OverloadedError: "overloaded", NotReadyError: "not_ready"}.get(type(exc))
+        if reason is not None and getattr(request.scope.get("route"), "path", "") != "/readyz":
+            request.app.state.metrics.rejected.labels(reason).inc()
         return _json(exc.status, exc.body(), exc.headers)
 
     async def validation_error(_: Request, exc: Exception) -> JSONResponse:

@@ -117,6 +117,14 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.rejected = Counter(
+            "rejected",
+            "Requests refused with a 503, by reason: overloaded (load shedding: the model's "
+            "queue is full) or not_ready (no model, inference worker down, shutting down).",
+            ["reason"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self._served: tuple[str, str] | None = None
 
     def set_model(self, version: str, device: str, n_items: int, loaded_at: float) -> None:

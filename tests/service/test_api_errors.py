@@ -240,6 +240,9 @@ def test_not_ready_once_inference_stays_down(
         response = client.get("/readyz")
         assert response.status_code == 503
         assert "inference worker failed" in response.json()["detail"]
+        assert client.post("/recommend", json={"items": [IDS[4]]}).status_code == 503
+        assert metric_value(client, "multvae_rejected_total", {"reason": "not_ready"}) == 1
+        assert metric_value(client, "multvae_rejected_total", {"reason": "overloaded"}) == 0
 
 
 @pytest.mark.parametrize(
@@ -309,6 +312,8 @@ def test_overload_is_a_fast_503_with_retry_after(trained: Trained) -> None:
         assert queued.result(30).status_code == 200
         labels = {"route": "/recommend", "method": "POST", "status": "503"}
         assert metric_value(client, "multvae_http_requests_total", labels) == 1
+        assert metric_value(client, "multvae_rejected_total", {"reason": "overloaded"}) == 1
+        assert metric_value(client, "multvae_rejected_total", {"reason": "not_ready"}) == 0
 
 
 def test_a_client_that_hangs_up_mid_body_is_a_499_not_a_500(
