@@ -1,10 +1,15 @@
 """Micro-batching: concurrent requests share one forward pass, run off the event loop.
 
-A forward pass costs nearly the same for 1 or 32 histories (the decoder's last layer, K x I,
-dominates), so under load grouping is where the throughput comes from. The first waiting
-request bounds the wait: a batch starts when ``max_batch`` rows are waiting or when the
-oldest has waited ``wait_s``, whichever is first. While one pass runs, new requests queue
-and form the next batch. ``wait_s = 0`` turns grouping off: every request is its own pass.
+A forward pass costs far less per history for 32 histories than for 1 (the decoder's last
+layer, K x I, dominates and is read once per pass), so under load grouping is where the
+throughput comes from. While one pass runs, new requests queue and form the next batch. When
+the worker is free, a batch waits for company (never past ``max_batch`` rows or the oldest
+request's ``wait_s``) only while company is likely: other requests are on their way (inside
+:meth:`MicroBatcher.arriving`: parsed, looking up the cache), or fewer requests wait than the
+previous pass served (clients answered together tend to come back together). So a lone
+client is never kept waiting for company that is not coming, and concurrent clients are
+folded in together without waiting out the window once they are all back (bench/RESULTS.md).
+``wait_s = 0`` turns grouping off: every request is its own pass.
 
 Inference always runs on one worker thread, so passes never compete with each other for the
 cores (torch already uses several threads inside one pass) and the event loop stays free to
@@ -25,7 +30,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -64,6 +69,8 @@ class MicroBatcher:
         self._active: list[_Job] = []  # taken off the queue by the consumer, not yet answered
         self._direct_rows = 0  # grouping off: rows submitted and not yet answered
         self._wakeup = asyncio.Event()
+        self._arriving = 0  # requests on their way to submit()
+        self._last_jobs = 0  # requests the previous pass served
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._deaths = 0  # consumer deaths since the last completed pass
@@ -134,6 +141,18 @@ class MicroBatcher:
                 job.future.set_exception(NotReadyError("the service is shutting down"))
         self._executor.shutdown(wait=True)
 
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request on its way to :meth:`submit`: a batch about to start waits for it
+        (up to ``wait_s``). Leave before calling :meth:`submit`."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            if not self._arriving:
+                self._wakeup.set()  # a gathering batch need wait no longer
+
     async def submit(self, model: ServingModel, queries: Sequence[Query]) -> list[Ranked]:
         """Rankings for ``queries`` on ``model`` (the version the request started with).
 
@@ -181,12 +200,15 @@ class MicroBatcher:
         return ranked
 
     async def _gather(self) -> list[_Job]:
-        """Wait for the first job, then for more until the batch is full or the wait is up."""
+        """Wait for the first job, then, when company is likely, for more until the batch is
+        full or the oldest job's wait is up."""
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
         deadline = self._pending[0].enqueued + self.wait_s
-        while self._pending_rows < self.max_batch:
+        while self._pending_rows < self.max_batch and (
+            self._arriving or len(self._pending) < self._last_jobs
+        ):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -205,6 +227,7 @@ class MicroBatcher:
             jobs.append(job)
             rows += len(job.queries)
         self._pending_rows -= rows
+        self._last_jobs = len(jobs)
         return jobs
 
     async def _consume(self) -> None:

@@ -51,27 +51,30 @@ class Pipeline:
         access: AccessInfo | None,
     ) -> list[dict[str, Any]]:
         """Response bodies for ``requests``, in order; misses share one forward pass."""
-        model = self.model()
-        resolved = [model.resolve(r) for r in requests]
-        unknown_count = sum(len(unknown) for _, unknown in resolved)
-        if unknown_count:
-            self.metrics.unknown_items.inc(unknown_count)
-        if strict and unknown_count:
-            raise UnknownItemsError.of(
-                [
-                    FieldError(
-                        f"{prefix}items",
-                        f"unknown item ids {_shown_ids(unknown)} (model version "
-                        f"{model.version}); send only known ids or drop strict=true",
-                    )
-                    for prefix, (_, unknown) in zip(prefixes, resolved, strict=True)
-                    if unknown
-                ]
-            )
-        queries = [query for query, _ in resolved]
-        prefix = self.settings.cache_prefix
-        keys = [cache_key(prefix, model.version, q) for q in queries]
-        found = await self._lookup(keys)
+        # On its way to the model until the cache has answered: a batch about to start
+        # waits for it (service.batching).
+        with self.batcher.arriving():
+            model = self.model()
+            resolved = [model.resolve(r) for r in requests]
+            unknown_count = sum(len(unknown) for _, unknown in resolved)
+            if unknown_count:
+                self.metrics.unknown_items.inc(unknown_count)
+            if strict and unknown_count:
+                raise UnknownItemsError.of(
+                    [
+                        FieldError(
+                            f"{prefix}items",
+                            f"unknown item ids {_shown_ids(unknown)} (model version "
+                            f"{model.version}); send only known ids or drop strict=true",
+                        )
+                        for prefix, (_, unknown) in zip(prefixes, resolved, strict=True)
+                        if unknown
+                    ]
+                )
+            queries = [query for query, _ in resolved]
+            prefix = self.settings.cache_prefix
+            keys = [cache_key(prefix, model.version, q) for q in queries]
+            found = await self._lookup(keys)
         misses = [i for i, hit in enumerate(found) if hit is None]
         if misses:
             fresh = await self.batcher.submit(model, [queries[i] for i in misses])

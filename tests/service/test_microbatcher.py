@@ -122,12 +122,66 @@ async def test_a_failed_pass_fails_its_requests_and_the_batcher_goes_on() -> Non
         await batcher.stop()
 
 
+async def test_a_lone_request_does_not_wait_for_company() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
+    batcher.start()
+    try:
+        # Nobody else is on the way, so the hour-long window is never used.
+        ranked = await asyncio.wait_for(batcher.submit(model, [_q(1)]), timeout=30)
+    finally:
+        await batcher.stop()
+    assert ranked[0].items == ["m1"]
+    assert model.passes == [1]
+
+
+async def test_a_batch_waits_for_requests_on_their_way() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
+    batcher.start()
+
+    async def another_request() -> list[Ranked]:
+        with batcher.arriving():  # parsing, looking up the cache
+            await asyncio.sleep(0.05)
+        return await batcher.submit(model, [_q(2)])
+
+    try:
+        other = asyncio.ensure_future(another_request())
+        await asyncio.sleep(0)  # it is on its way now
+        first = asyncio.ensure_future(batcher.submit(model, [_q(1)]))
+        results = await asyncio.wait_for(asyncio.gather(first, other), timeout=30)
+    finally:
+        await batcher.stop()
+    assert [r[0].items for r in results] == [["m1"], ["m2"]]
+    assert model.passes == [2]  # the first waited for the second, not for the window
+
+
+async def test_after_a_shared_pass_a_lone_request_waits_for_the_others() -> None:
+    # Clients answered together tend to come back together: the next batch waits for them
+    # even when none is visibly on its way yet.
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
+    batcher.start()
+    try:
+        await asyncio.gather(batcher.submit(model, [_q(1)]), batcher.submit(model, [_q(2)]))
+        first = asyncio.ensure_future(batcher.submit(model, [_q(3)]))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # waiting, with nobody arriving
+        second = await asyncio.wait_for(batcher.submit(model, [_q(4)]), timeout=30)
+        await asyncio.wait_for(first, timeout=30)
+    finally:
+        await batcher.stop()
+    assert second[0].items == ["m4"]
+    assert model.passes == [2, 2]
+
+
 async def test_stop_fails_waiting_requests() -> None:
     batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0)
     batcher.start()
-    waiting = asyncio.ensure_future(batcher.submit(FakeModel(), [_q(1)]))
-    await asyncio.sleep(0)  # let it enqueue
-    await batcher.stop()
+    with batcher.arriving():  # another request on its way keeps the batch waiting
+        waiting = asyncio.ensure_future(batcher.submit(FakeModel(), [_q(1)]))
+        await asyncio.sleep(0)  # let it enqueue
+        await batcher.stop()
     with pytest.raises(NotReadyError, match="shutting down"):
         await waiting
 
@@ -137,16 +191,18 @@ async def test_a_full_queue_refuses_at_once_instead_of_growing() -> None:
     batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0, max_pending=3)
     batcher.start()
     try:
-        # Alone in the queue, a request larger than the cap still goes (slow, not refused).
-        big = asyncio.ensure_future(batcher.submit(model, [_q(i) for i in range(5)]))
-        await asyncio.sleep(0)
-        with pytest.raises(OverloadedError) as refused:
-            await batcher.submit(model, [_q(9)])
-        assert "MULTVAE_MAX_PENDING=3" in refused.value.detail
-        assert "retry" in refused.value.detail
-        assert refused.value.status == 503
-        assert refused.value.headers == {"Retry-After": "1"}
-        assert not big.done()
+        with batcher.arriving():  # the queue waits for more, so it can fill up
+            # Alone in the queue, a request larger than the cap still goes (slow, not refused).
+            big = asyncio.ensure_future(batcher.submit(model, [_q(i) for i in range(5)]))
+            await asyncio.sleep(0)
+            with pytest.raises(OverloadedError) as refused:
+                await batcher.submit(model, [_q(9)])
+            assert "MULTVAE_MAX_PENDING=3" in refused.value.detail
+            assert "retry" in refused.value.detail
+            assert refused.value.status == 503
+            assert refused.value.headers == {"Retry-After": "1"}
+            assert not big.done()
+            await batcher.stop()
     finally:
         await batcher.stop()
     with pytest.raises(NotReadyError, match="shutting down"):
@@ -159,12 +215,14 @@ async def test_the_cap_counts_rows_and_also_holds_without_grouping() -> None:
     batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0, max_pending=3)
     batcher.start()
     try:
-        waiting = [asyncio.ensure_future(batcher.submit(model, [_q(1), _q(2)]))]
-        await asyncio.sleep(0)
-        waiting.append(asyncio.ensure_future(batcher.submit(model, [_q(3)])))  # 3 rows: fits
-        await asyncio.sleep(0)
-        with pytest.raises(OverloadedError):
-            await batcher.submit(model, [_q(4)])
+        with batcher.arriving():  # the queue waits for more, so it can fill up
+            waiting = [asyncio.ensure_future(batcher.submit(model, [_q(1), _q(2)]))]
+            await asyncio.sleep(0)
+            waiting.append(asyncio.ensure_future(batcher.submit(model, [_q(3)])))  # 3 rows: fit
+            await asyncio.sleep(0)
+            with pytest.raises(OverloadedError):
+                await batcher.submit(model, [_q(4)])
+            await batcher.stop()
     finally:
         await batcher.stop()
     await asyncio.gather(*waiting, return_exceptions=True)
