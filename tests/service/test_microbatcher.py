@@ -160,7 +160,7 @@ async def test_after_a_shared_pass_a_lone_request_waits_for_the_others() -> None
     # Clients answered together tend to come back together: the next batch waits for them
     # even when none is visibly on its way yet.
     model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
+    batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=3600.0)
     batcher.start()
     try:
         await asyncio.gather(batcher.submit(model, [_q(1)]), batcher.submit(model, [_q(2)]))
@@ -172,6 +172,34 @@ async def test_after_a_shared_pass_a_lone_request_waits_for_the_others() -> None
     finally:
         await batcher.stop()
     assert second[0].items == ["m4"]
+    assert model.passes == [2, 2]
+
+
+async def test_requests_queued_during_a_pass_wait_for_the_clients_it_answered() -> None:
+    # Without this, concurrent clients settle into alternating half-size passes.
+    release = threading.Event()
+
+    class Slow(FakeModel):
+        def rank(self, queries: Sequence[Query]) -> list[Ranked]:
+            assert release.wait(30)
+            return super().rank(queries)
+
+    model = Slow()
+    batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=0.5)
+    batcher.start()
+    try:
+        answered = asyncio.gather(batcher.submit(model, [_q(1)]), batcher.submit(model, [_q(2)]))
+        await asyncio.sleep(0.05)  # that pass is running now
+        queued = asyncio.ensure_future(batcher.submit(model, [_q(3)]))
+        await asyncio.sleep(0.6)  # longer than wait_s: its own window has run out
+        release.set()
+        await asyncio.wait_for(answered, timeout=30)
+        back = await asyncio.wait_for(batcher.submit(model, [_q(4)]), timeout=30)  # a client
+        await asyncio.wait_for(queued, timeout=30)
+    finally:
+        release.set()
+        await batcher.stop()
+    assert back[0].items == ["m4"]
     assert model.passes == [2, 2]
 
 
