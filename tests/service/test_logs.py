@@ -12,37 +12,6 @@ import pytest
 
 from service.logs import AccessLog, JsonFormatter, JsonLinesHandler, configure_logging
 
-
-def test_lines_are_json_with_the_extra_fields(monkeypatch: pytest.MonkeyPatch) -> None:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    out = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", out)
-    configure_logging("info")
-    try:
-        logging.getLogger("multvae.access").info("request", extra={"route": "/x", "status": 200})
-        logging.getLogger("multvae.test").debug("below the level")
-        try:
-            raise ValueError("boom")
-        except ValueError:
-            logging.getLogger("multvae.test").exception("failed")
-    finally:
-        root.handlers[:], _ = saved
-        root.setLevel(saved[1])
-    lines = [json.loads(line) for line in out.getvalue().splitlines()]
-    assert [line["message"] for line in lines] == ["request", "failed"]
-    assert lines[0]["route"] == "/x"
-    assert lines[0]["status"] == 200
-    assert lines[0]["level"] == "info"
-    assert lines[0]["logger"] == "multvae.access"
-    assert "ValueError: boom" in lines[1]["exc"]
-
-
-def test_formatter_renders_values_json_cannot() -> None:
-    record = logging.makeLogRecord({"msg": "m", "path": object(), "levelname": "INFO"})
-    assert json.loads(JsonFormatter().format(record))["path"].startswith("<object object")
-
-
 FIELDS = {"method": "POST", "route": "/recommend", "status": 200, "request_id": "r1"}
 
 
@@ -59,6 +28,27 @@ def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     finally:
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
+
+
+def test_lines_are_json_with_the_extra_fields(configured: io.StringIO) -> None:
+    logging.getLogger("multvae.access").info("request", extra={"route": "/x", "status": 200})
+    logging.getLogger("multvae.test").debug("below the level")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("multvae.test").exception("failed")
+    lines = _lines(configured)
+    assert [line["message"] for line in lines] == ["request", "failed"]
+    assert lines[0]["route"] == "/x"
+    assert lines[0]["status"] == 200
+    assert lines[0]["level"] == "info"
+    assert lines[0]["logger"] == "multvae.access"
+    assert "ValueError: boom" in str(lines[1]["exc"])
+
+
+def test_formatter_renders_values_json_cannot() -> None:
+    record = logging.makeLogRecord({"msg": "m", "path": object(), "levelname": "INFO"})
+    assert json.loads(JsonFormatter().format(record))["path"].startswith("<object object")
 
 
 def _only_ours() -> None:

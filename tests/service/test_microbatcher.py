@@ -24,15 +24,21 @@ def anyio_backend() -> str:
 
 
 class FakeModel:
-    """Echoes each query's n back as its only item; records every pass."""
+    """Echoes each query's n back as its only item; records every pass. With a ``gate``, a
+    pass blocks (in the worker thread) until the gate is set."""
 
-    def __init__(self, name: str = "m", fail: bool = False) -> None:
+    def __init__(
+        self, name: str = "m", fail: bool = False, gate: threading.Event | None = None
+    ) -> None:
         self.name = name
         self.fail = fail
+        self.gate = gate
         self.passes: list[int] = []
         self.threads: set[int] = set()
 
     def rank(self, queries: Sequence[Query]) -> list[Ranked]:
+        if self.gate is not None:
+            assert self.gate.wait(30)
         self.threads.add(threading.get_ident())
         self.passes.append(len(queries))
         if self.fail:
@@ -178,13 +184,7 @@ async def test_after_a_shared_pass_a_lone_request_waits_for_the_others() -> None
 async def test_requests_queued_during_a_pass_wait_for_the_clients_it_answered() -> None:
     # Without this, concurrent clients settle into alternating half-size passes.
     release = threading.Event()
-
-    class Slow(FakeModel):
-        def rank(self, queries: Sequence[Query]) -> list[Ranked]:
-            assert release.wait(30)
-            return super().rank(queries)
-
-    model = Slow()
+    model = FakeModel(gate=release)
     batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=0.5)
     batcher.start()
     try:
@@ -256,13 +256,7 @@ async def test_the_cap_counts_rows_and_also_holds_without_grouping() -> None:
     await asyncio.gather(*waiting, return_exceptions=True)
 
     release = threading.Event()
-
-    class Blocked(FakeModel):
-        def rank(self, queries: Sequence[Query]) -> list[Ranked]:
-            assert release.wait(30)
-            return super().rank(queries)
-
-    blocked = Blocked()
+    blocked = FakeModel(gate=release)
     direct = MicroBatcher(Metrics(), max_batch=100, wait_s=0.0, max_pending=1)
     try:
         first = asyncio.ensure_future(direct.submit(blocked, [_q(1)]))
