@@ -298,9 +298,10 @@ def run(args: argparse.Namespace) -> None:
         env["MULTVAE_TORCH_THREADS"] = str(args.torch_threads)
     if args.redis_url:
         env["MULTVAE_REDIS_URL"] = args.redis_url
-    on = f"service, batching on ({args.batch_wait_ms} ms, max {args.batch_max_size})"
-    for label, wait in ((on, args.batch_wait_ms), ("service, batching off", 0.0)):
-        argv = [multvae, "serve", "--model-dir", str(model_dir), "--device", "cpu",
+    where = "" if args.device == "cpu" else f" on {args.device}"
+    on = f"service{where}, batching on ({args.batch_wait_ms} ms, max {args.batch_max_size})"
+    for label, wait in ((on, args.batch_wait_ms), (f"service{where}, batching off", 0.0)):
+        argv = [multvae, "serve", "--model-dir", str(model_dir), "--device", args.device,
                 "--batch-wait-ms", str(wait), "--batch-max-size", str(args.batch_max_size),
                 "--log-level", "info", "--port"]  # fmt: skip
         configs.append((label, argv, env, ["miss", "hit"]))
@@ -366,6 +367,7 @@ def main() -> None:
         p.add_argument("--batch-max-size", type=int, default=64)
         p.add_argument("--torch-threads", type=int, default=None)
         p.add_argument("--redis-url", default=None, help="cache in this Redis (default: LRU)")
+        p.add_argument("--device", default="cpu", help="the service's device: cpu, cuda, cuda:N")
     p_trivial = sub.add_parser("trivial", help="serve the trivial endpoint")
     p_trivial.add_argument("--port", type=int, required=True)
     p_client = sub.add_parser("client", help="one load cell; prints JSON")
