@@ -51,7 +51,8 @@ class Scorer:
     the CPU it runs through oneDNN's linear kernel on the layer's own (live) weights instead
     of ``F.linear``, which goes to MKL: on the machine measured (bench/RESULTS.md) MKL did not
     use AVX-512 on that AMD CPU and scaled poorly over threads, and oneDNN took 2x less time
-    at batch 17 with 2 threads. Exact fp32 either way. Where that kernel is missing or
+    at batch 17 with 2 threads. fp32 either way; the sums run in another order, so scores
+    agree to ~1e-6 relative (identical rankings on ML-100K). Where that kernel is missing or
     disagrees with ``F.linear`` on a probe row, the plain layer is used.
     """
 

@@ -3,17 +3,17 @@
 A forward pass costs far less per history for 32 histories than for 1 (the decoder's last
 layer, K x I, dominates and is read once per pass), so under load grouping is where the
 throughput comes from. While one pass runs, new requests queue and form the next batch. When
-the worker is free, a batch waits for company, until ``max_batch`` rows wait or the oldest
-request has waited ``wait_s``, when company is likely: other requests are on their way
-(inside :meth:`MicroBatcher.arriving`: parsed, looking up the cache), or the previous pass
-served several requests (clients answered together come back together). A lone client is
-never kept waiting for company that is not coming (bench/RESULTS.md: 8 -> 4 ms p50 at
-concurrency 1). The window opens when the worker becomes free (or when the first job comes,
-if later), so jobs that queued during a pass also wait for the clients that pass has just
-answered. Without that, c concurrent clients settle into two alternating half-size passes,
-and since the output layer streams all its weights once per pass, passes of 4 cost ~2x the
-CPU per history of passes of 8 (c = 8: 769 req/s in passes of 4 against 848 in passes of
-8). ``wait_s = 0`` turns grouping off: every request is its own pass.
+the worker is free, a batch waits for company only when company is likely: other requests
+are on their way (inside :meth:`MicroBatcher.arriving`: parsed, looking up the cache), or
+the clients the previous pass answered have not all come back yet (they tend to come back
+together). It waits for them, never past ``max_batch`` rows or ``wait_s`` after the worker
+became free (or after the first request came, if later). So a lone client is never kept
+waiting for company that is not coming (bench/RESULTS.md: 8 -> 4 ms p50 at concurrency 1),
+and requests queued during a pass also wait for the clients that pass just answered. Without
+that, c concurrent clients settle into two alternating half-size passes, and since the
+output layer streams all its weights once per pass, passes of 4 cost ~2x the CPU per
+history of passes of 8 (c = 8: 769 req/s in passes of 4 against 848 in passes of 8).
+``wait_s = 0`` turns grouping off: every request is its own pass.
 
 Inference always runs on one worker thread, so passes never compete with each other for the
 cores (torch already uses several threads inside one pass) and the event loop stays free to
@@ -76,6 +76,7 @@ class MicroBatcher:
         self._arriving = 0  # requests on their way to submit()
         self._last_jobs = 0  # requests the previous pass served
         self._free_since = 0.0  # when the previous pass ended (perf_counter)
+        self._queued_at_free = 0  # requests that were already waiting then
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._deaths = 0  # consumer deaths since the last completed pass
@@ -205,15 +206,19 @@ class MicroBatcher:
         return ranked
 
     async def _gather(self) -> list[_Job]:
-        """Wait for the first job, then, when company is likely, for more until the batch is
-        full or the oldest job's wait is up."""
+        """Wait for the first job, then for the company that is likely to come, until it has
+        come, the batch is full or the window closes."""
         while not self._pending:
             self._wakeup.clear()
             await self._wakeup.wait()
         # The window opens when the worker is free, or when the first job came if later: jobs
-        # that queued during a pass still wait for the clients that pass just answered.
+        # that queued during a pass still wait for the clients that pass just answered, and
+        # once those are back (or the window closes) the batch goes.
         deadline = max(self._pending[0].enqueued, self._free_since) + self.wait_s
-        while self._pending_rows < self.max_batch and (self._arriving or self._last_jobs > 1):
+        expected = self._queued_at_free + self._last_jobs
+        while self._pending_rows < self.max_batch and (
+            self._arriving or len(self._pending) < expected
+        ):
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 break
@@ -258,6 +263,7 @@ class MicroBatcher:
             self._active = []
             self._deaths = 0
             self._free_since = time.perf_counter()
+            self._queued_at_free = len(self._pending)  # arrived during the pass
 
     async def _execute(self, jobs: list[_Job]) -> None:
         queries = [q for job in jobs for q in job.queries]

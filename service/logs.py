@@ -83,8 +83,12 @@ class AccessLog:
             return
         try:
             handler.write_line(render(time.time(), "info", self.logger.name, message, fields))
-        except Exception:  # a closed or broken stream: logging reports it its own way
-            self.logger.info(message, extra=fields)
+        except Exception:  # a closed or broken stream: reported as StreamHandler.emit would
+            record = logging.makeLogRecord(
+                {"name": self.logger.name, "msg": message, "levelno": logging.INFO,
+                 "levelname": "INFO", **fields}
+            )  # fmt: skip
+            handler.handleError(record)
 
     def _direct_handler(self) -> JsonLinesHandler | None:
         """The only handler an INFO line on this logger would reach, if it is ours."""

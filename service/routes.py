@@ -42,8 +42,18 @@ class DirectRoute(APIRoute):
     return value on every request; the recommend endpoints do all of that by hand (precise
     4xx answers, see service.bodies), so their handler only calls them. They stay APIRoutes,
     documented in OpenAPI through ``openapi_extra``. This is the ``get_route_handler`` hook
-    FastAPI documents for custom route classes.
+    FastAPI documents for custom route classes. Dependencies would never run here, so a route
+    that declares any is refused; app-wide ones (``FastAPI(dependencies=...)``) would be
+    skipped too, and the app declares none.
     """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        if self.dependant.dependencies:
+            raise TypeError(
+                f"{path}: a DirectRoute endpoint authenticates and parses by hand; "
+                "its dependencies would never run"
+            )
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
@@ -110,8 +120,9 @@ async def require_admin(request: Request, pipeline: PipelineDep) -> None:
     _check_key(request, pipeline.settings.api_key.get_secret_value())
 
 
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
+# The spellings pydantic accepts for a boolean query parameter, which this one used to be.
+_TRUE = frozenset({"true", "t", "1", "yes", "y", "on"})
+_FALSE = frozenset({"false", "f", "0", "no", "n", "off"})
 STRICT_PARAMETER = {
     "name": "strict",
     "in": "query",

@@ -120,6 +120,18 @@ def test_body_size_limit_declared_and_streamed(limited: TestClient) -> None:
     assert streamed.status_code == 413
 
 
+@pytest.mark.parametrize(
+    ("value", "strict"),
+    [("true", True), ("T", True), ("1", True), ("yes", True), ("Y", True), ("on", True),
+     ("false", False), ("f", False), ("0", False), ("No", False), ("n", False), ("OFF", False)],
+)  # fmt: skip
+def test_strict_takes_every_boolean_spelling(limited: TestClient, value: str, strict: bool) -> None:
+    response = limited.post(f"/recommend?strict={value}", json={"items": ["never-seen"]})
+    assert response.status_code == (422 if strict else 200), response.text
+    if strict:
+        assert "unknown item ids" in response.json()["detail"]
+
+
 def test_bad_query_parameter(limited: TestClient) -> None:
     response = limited.post("/recommend?strict=maybe", json={"items": []})
     assert response.status_code == 422

@@ -17,9 +17,16 @@ FIELDS = {"method": "POST", "route": "/recommend", "status": 200, "request_id": 
 
 @pytest.fixture
 def configured(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """configure_logging's setup, writing to a buffer; the root logger restored afterwards."""
+    """configure_logging's setup, writing to a buffer; everything it changes restored."""
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
+    for flag in ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, flag, getattr(logging, flag))
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        monkeypatch.setattr(logger, "handlers", logger.handlers[:])
+        monkeypatch.setattr(logger, "propagate", logger.propagate)
+        monkeypatch.setattr(logger, "disabled", logger.disabled)
     out = io.StringIO()
     monkeypatch.setattr(sys, "stderr", out)
     configure_logging("info")
@@ -105,3 +112,22 @@ def test_access_lines_respect_the_level(configured: io.StringIO) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     AccessLog().info("request", dict(FIELDS))
     assert configured.getvalue() == ""
+
+
+def test_a_failing_stream_is_reported_once_not_written_twice(
+    configured: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FailingFlush(io.StringIO):
+        def flush(self) -> None:
+            raise BlockingIOError("the pipe is full")
+
+    _only_ours()
+    [handler] = logging.getLogger().handlers
+    assert isinstance(handler, JsonLinesHandler)
+    stream = FailingFlush()
+    monkeypatch.setattr(handler, "stream", stream)
+    reported: list[logging.LogRecord] = []
+    monkeypatch.setattr(handler, "handleError", reported.append)
+    AccessLog().info("request", dict(FIELDS))
+    assert len(stream.getvalue().splitlines()) == 1  # written once, not again via logging
+    assert [r.__dict__["request_id"] for r in reported] == ["r1"]

@@ -166,7 +166,7 @@ async def test_after_a_shared_pass_a_lone_request_waits_for_the_others() -> None
     # Clients answered together tend to come back together: the next batch waits for them
     # even when none is visibly on its way yet.
     model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=3600.0)
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
     batcher.start()
     try:
         await asyncio.gather(batcher.submit(model, [_q(1)]), batcher.submit(model, [_q(2)]))
@@ -179,6 +179,34 @@ async def test_after_a_shared_pass_a_lone_request_waits_for_the_others() -> None
         await batcher.stop()
     assert second[0].items == ["m4"]
     assert model.passes == [2, 2]
+
+
+async def test_once_the_answered_clients_are_back_the_batch_goes() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=64, wait_s=3600.0)
+    batcher.start()
+    try:
+        for round_ in range(3):  # the same three clients, again and again
+            await asyncio.wait_for(
+                asyncio.gather(*(batcher.submit(model, [_q(round_ * 3 + i)]) for i in range(3))),
+                timeout=30,
+            )  # never the hour-long window: all three are back
+    finally:
+        await batcher.stop()
+    assert model.passes == [3, 3, 3]
+
+
+async def test_leaving_arriving_by_an_exception_still_counts() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=64, wait_s=3600.0)
+    batcher.start()
+    try:
+        with pytest.raises(RuntimeError), batcher.arriving():
+            raise RuntimeError("a strict-mode 422, a cache error, a cancelled request")
+        ranked = await asyncio.wait_for(batcher.submit(model, [_q(1)]), timeout=30)
+    finally:
+        await batcher.stop()
+    assert ranked[0].items == ["m1"]
 
 
 async def test_requests_queued_during_a_pass_wait_for_the_clients_it_answered() -> None:

@@ -8,11 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.testclient import TestClient
 from service_support import BLOCK, IDS, Trained, cluster_of, make_settings, metric_value
 
 from multvae.recommend import EMPTY, topk_rows
 from service.app import create_app
+from service.routes import DirectRoute
 from service.schemas import RecommendRequest
 
 
@@ -98,6 +100,8 @@ def test_strict_mode_rejects_unknown_ids_with_the_list(client: TestClient) -> No
     assert "'zz9'" in body["detail"]
     assert "'zz8'" in body["detail"]
     assert "strict" in body["detail"]
+    # Refused on its way to the model: it no longer counts as coming (a batch would wait).
+    assert client.app.state.pipeline.batcher._arriving == 0  # type: ignore[attr-defined]
     # Unknown ids in exclude can never be returned anyway; strict does not reject them.
     ok = client.post("/recommend?strict=true", json={"items": [IDS[0]], "exclude": ["zz9"]})
     assert ok.status_code == 200
@@ -224,3 +228,14 @@ def test_openapi_documents_the_hand_parsed_endpoints(client: TestClient) -> None
     for ref in refs(spec):  # every reference resolves inside the document
         assert ref.startswith("#/components/schemas/"), ref
         assert ref.rsplit("/", 1)[1] in schemas, ref
+
+
+def test_a_direct_route_refuses_dependencies_it_would_skip() -> None:
+    async def check() -> None: ...
+
+    async def endpoint(request: Request) -> Response:
+        return Response(b"")
+
+    router = APIRouter(route_class=DirectRoute, dependencies=[Depends(check)])
+    with pytest.raises(TypeError, match="dependencies would never run"):
+        router.add_api_route("/x", endpoint, methods=["POST"])
