@@ -87,7 +87,7 @@ def server_for(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
         with log.open("wb") as out:
             procs.append(subprocess.Popen(
                 [_multvae(), "serve", "--model-dir", str(model_dir), "--port", str(port),
-                 "--device", "cpu", "--no-access-log"],
+                 "--device", os.environ.get("MULTVAE_TEST_DEVICE", "cpu"), "--no-access-log"],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             ))  # fmt: skip
         logs.append(log)

@@ -96,7 +96,7 @@ def model_dir(tmp_path: Path) -> Path:
 def served(model_dir: Path, tmp_path: Path) -> Iterator[Server]:
     port = _free_port()
     argv = [_multvae(), "serve", "--model-dir", str(model_dir), "--port", str(port),
-            "--device", "cpu"]  # fmt: skip
+            "--device", os.environ.get("MULTVAE_TEST_DEVICE", "cpu")]  # fmt: skip
     env = {"MULTVAE_RELOAD_INTERVAL_S": "0", "MULTVAE_API_KEY": "e2e-key"}
     server = Server(argv, env, tmp_path / "serve.log", port)
     try:
@@ -213,7 +213,7 @@ def test_a_corrupt_current_version_fails_startup(model_dir: Path, tmp_path: Path
         fh.write(b"x")
     port = _free_port()
     argv = [_multvae(), "serve", "--model-dir", str(model_dir), "--port", str(port),
-            "--device", "cpu"]  # fmt: skip
+            "--device", os.environ.get("MULTVAE_TEST_DEVICE", "cpu")]  # fmt: skip
     server = Server(argv, {}, tmp_path / "bad.log", port)
     try:
         code = server.proc.wait(timeout=STARTUP_S)

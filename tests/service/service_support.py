@@ -7,6 +7,7 @@ equal to their columns, so a test catches a column leaking out where an id belon
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -108,10 +109,14 @@ def train_model(seed: int = 0, epochs: int = 30) -> tuple[Split, MultVAE]:
         torch.set_num_threads(threads)
 
 
+# The service tests run on the CPU; MULTVAE_TEST_DEVICE=cuda runs them on a GPU machine.
+TEST_DEVICE = os.environ.get("MULTVAE_TEST_DEVICE", "cpu")
+
+
 def make_settings(model_dir: Path, **overrides: Any) -> Settings:
     fields: dict[str, Any] = {
         "model_dir": model_dir,
-        "device": "cpu",
+        "device": TEST_DEVICE,
         "reload_interval_s": 0,
         "batch_wait_ms": 2,
         "warmup": True,
