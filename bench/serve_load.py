@@ -8,7 +8,8 @@ What it runs, each server as its own uvicorn process and every load cell as a se
 load-generator process (so the client never shares the server's event loop):
 
 * ``trivial``: ``POST /recommend`` that reads the body and returns a constant; same uvicorn
-  (uvloop + httptools), no middleware, no model. The ceiling for any endpoint here.
+  (uvloop + httptools, and the one-write-per-response protocol of ``multvae serve``), no
+  middleware, no model. The ceiling for any endpoint here.
 * ``service``: ``multvae serve`` with micro-batching on (``--batch-wait-ms``) and off (0),
   each with cache-miss load (every history unique) and cache-hit load (a warmed pool).
 
@@ -51,6 +52,8 @@ def trivial_server(port: int) -> None:
     from starlette.requests import Request
     from starlette.responses import Response
 
+    from service.transport import HttpProtocol
+
     app = FastAPI()
     constant = b'{"items":[],"ok":true}'
 
@@ -67,7 +70,9 @@ def trivial_server(port: int) -> None:
     readyz.__annotations__ = {"request": Request, "return": Response}
     app.add_api_route("/recommend", recommend, methods=["POST"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
-    uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
+    # The same HTTP protocol as `multvae serve` (one write per response), so the ceiling is
+    # that of the stack the service runs on.
+    uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False, http=HttpProtocol)
 
 
 # -- the load generator -----------------------------------------------------------------------

@@ -95,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     from service.app import create_app
     from service.logs import configure_logging
     from service.settings import Settings
+    from service.transport import HttpProtocol
 
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None
@@ -119,6 +120,7 @@ def serve(args: argparse.Namespace) -> int:
         create_app(settings),
         host=args.host,
         port=args.port,
+        http=HttpProtocol,  # one write per response (service.transport)
         log_config=None,
         access_log=False,
         server_header=False,

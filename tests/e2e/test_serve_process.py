@@ -172,6 +172,22 @@ def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> Non
     after = http.post("/recommend", json={"items": ["5001"]}, headers=KEY).json()
     assert after["model_version"] == new_version
 
+    # Each response leaves in one write (service.transport); over a raw socket, keep-alive
+    # responses must still arrive whole and in order, and a Connection: close one before EOF.
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as raw:
+        body = b'{"items": ["5001"], "n": 3}'
+        request = (
+            b"POST /recommend HTTP/1.1\r\nHost: e2e\r\nX-API-Key: e2e-key\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+        )
+        raw.sendall(request % (len(body), b"", body) * 2)  # two pipelined requests
+        raw.sendall(request % (len(body), b"Connection: close\r\n", body))
+        received = b""
+        while chunk := raw.recv(65536):
+            received += chunk
+    responses = received.split(b"HTTP/1.1 ")[1:]
+    assert [r.split(b"\r\n", 1)[0] for r in responses] == [b"200 OK"] * 3
+    assert all(r.rstrip().endswith(b"}") for r in responses)  # every body complete
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it so the parent sees why.
     assert served.stop() in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in served.output()
@@ -190,7 +206,8 @@ def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> Non
 def test_uvicorn_factory_reads_the_environment(model_dir: Path, tmp_path: Path) -> None:
     port = _free_port()
     argv = [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-            "--port", str(port), "--log-level", "warning"]  # fmt: skip
+            "--port", str(port), "--log-level", "warning",
+            "--http", "service.transport:HttpProtocol"]  # the README's command  # fmt: skip
     env = {"MULTVAE_MODEL_DIR": str(model_dir), "MULTVAE_DEVICE": "auto",
            "MULTVAE_MAX_N": "3"}  # fmt: skip
     server = Server(argv, env, tmp_path / "uvicorn.log", port)
