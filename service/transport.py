@@ -19,12 +19,17 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+# Buffered bytes that are written at once rather than at the end of the step: far above a
+# JSON response, at the size where a socket's send buffer starts to matter.
+FLUSH_AT = 64 * 1024
+
 
 class CoalescingTransport(asyncio.Transport):
     """A transport whose ``write`` calls within one loop step reach the socket as one write.
 
     Everything else is the wrapped transport's. Data is never reordered: ``close`` sends what
-    is buffered first; ``abort`` drops it, as an abort drops any unsent data.
+    is buffered first; ``abort`` drops it, as an abort drops any unsent data. Once
+    ``FLUSH_AT`` bytes are buffered they go out at once, so back-pressure still works.
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
@@ -32,31 +37,37 @@ class CoalescingTransport(asyncio.Transport):
         self._transport = transport
         self._loop = loop
         self._buffer: list[bytes] = []
+        self._buffered = 0  # bytes in _buffer
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._buffer:
             self._loop.call_soon(self.flush)
-        self._buffer.append(bytes(data))  # a copy only for mutable buffers
+        chunk = bytes(data)  # a copy only for mutable buffers
+        self._buffer.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= FLUSH_AT:
+            # A large or streamed body goes out now, so that the real transport's flow
+            # control (pause_writing, which makes uvicorn wait for the client) sees it.
+            self.flush()
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         for data in list_of_data:
             self.write(data)
 
     def flush(self) -> None:
-        """Hand what is buffered to the socket now (as one write)."""
+        """Hand what is buffered to the socket now (one ``writev`` on uvloop, no copy)."""
         if not self._buffer:
             return
-        data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-        self._buffer.clear()
+        buffered, self._buffer, self._buffered = self._buffer, [], 0
         if not self._transport.is_closing():
-            self._transport.write(data)
+            self._transport.writelines(buffered)
 
     def close(self) -> None:
         self.flush()
         self._transport.close()
 
     def abort(self) -> None:
-        self._buffer.clear()
+        self._buffer, self._buffered = [], 0
         self._transport.abort()
 
     def is_closing(self) -> bool:
@@ -84,7 +95,7 @@ class CoalescingTransport(asyncio.Transport):
         self._transport.set_write_buffer_limits(high, low)
 
     def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + sum(map(len, self._buffer))
+        return self._transport.get_write_buffer_size() + self._buffered
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         return self._transport.get_write_buffer_limits()
@@ -104,3 +115,10 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         # Flow control (pause/resume reading) keeps the real transport uvicorn gave it.
         self.transport = CoalescingTransport(transport, self.loop)
+
+    def eof_received(self) -> None:
+        # The client half-closed: uvloop may close the real transport itself right after
+        # this, before the end-of-step flush, so a buffered response must leave now.
+        if isinstance(self.transport, CoalescingTransport):
+            self.transport.flush()
+        super().eof_received()

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
-from service.transport import CoalescingTransport
+from service.transport import FLUSH_AT, CoalescingTransport, HttpProtocol
 
 pytestmark = pytest.mark.anyio
 
@@ -96,3 +98,25 @@ async def test_everything_else_is_the_real_transports() -> None:
     transport = CoalescingTransport(Recording(), asyncio.get_running_loop())
     assert transport.get_extra_info("peername") == ("127.0.0.1", 1234)
     assert transport.get_extra_info("sockname", "none") == "none"
+
+
+async def test_a_large_body_goes_out_at_once_so_flow_control_sees_it() -> None:
+    real = Recording()
+    transport = CoalescingTransport(real, asyncio.get_running_loop())
+    transport.write(b"head")
+    transport.write(b"x" * FLUSH_AT)  # a streamed or large body: no waiting for the step
+    assert real.writes == [b"head" + b"x" * FLUSH_AT]
+    assert transport.get_write_buffer_size() == 0
+
+
+async def test_a_half_close_sends_the_buffered_response_first() -> None:
+    # uvloop may close the real transport itself once the client's FIN is handled.
+    async def app(scope: object, receive: object, send: object) -> None: ...
+
+    protocol = HttpProtocol(Config(app=app), ServerState(), {})
+    real = Recording()
+    protocol.connection_made(real)
+    protocol.transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert real.writes == []
+    protocol.eof_received()
+    assert real.writes == [b"HTTP/1.1 200 OK\r\n\r\n"]
