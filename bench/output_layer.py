@@ -21,7 +21,7 @@ import torch
 
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE
-from multvae.recommend import EMPTY, Recommender, Scorer, _onednn_linear
+from multvae.recommend import EMPTY, Recommender, _onednn_linear
 
 
 def _per_row(fn: Callable[[], object], rows: int, repeats: int) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def main() -> None:
     layer = model.output_layer
     recommender = Recommender(model, ItemIndex.build(range(args.items), np.ones(args.items)))
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, "
-          f"oneDNN used by Scorer: {Scorer(model).onednn}; output layer "
+          f"oneDNN used by Scorer: {recommender.scorer.onednn}; output layer "
           f"{layer.in_features} x {layer.out_features}")  # fmt: skip
     print("| threads | batch | F.linear µs/row (wall / CPU) | oneDNN µs/row | fold-in µs/row |")
     print("|---:|---:|---:|---:|---:|")

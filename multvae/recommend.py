@@ -103,16 +103,6 @@ def _onednn_agrees(layer: torch.nn.Linear) -> bool:
         return bool(torch.allclose(got, layer(probe), rtol=1e-4, atol=1e-5))
 
 
-def topk(
-    model: MultVAE,
-    histories: Sequence[NDArray[np.int64]],
-    k: int,
-    exclude: Sequence[NDArray[np.int64]] | None = None,
-) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """:meth:`Scorer.topk` for one batch."""
-    return Scorer(model).topk(histories, k, exclude)
-
-
 def topk_rows(
     model: MultVAE, fold_in: sp.csr_matrix, k: int, batch_size: int = 1000
 ) -> NDArray[np.int64]:

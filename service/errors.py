@@ -165,6 +165,13 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# 503s counted in multvae_rejected_total, by reason.
+_REJECTED: dict[type[ServiceError], str] = {
+    OverloadedError: "overloaded",
+    NotReadyError: "not_ready",
+}
+
+
 def install_handlers(app: FastAPI) -> None:
     """Render every error as JSON with a ``detail``."""
 
@@ -173,7 +180,7 @@ def install_handlers(app: FastAPI) -> None:
         # Both are 503s in the request metrics; an operator needs to tell shedding (scale
         # out) from a service without a working model (see its log and /readyz). A 503 from
         # /readyz is the probe's answer, not a refused request.
-        reason = {OverloadedError: "overloaded", NotReadyError: "not_ready"}.get(type(exc))
+        reason = _REJECTED.get(type(exc))
         if reason is not None and getattr(request.scope.get("route"), "path", "") != "/readyz":
             request.app.state.metrics.rejected.labels(reason).inc()
         return _json(exc.status, exc.body(), exc.headers)

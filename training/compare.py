@@ -29,7 +29,7 @@ from numpy.typing import NDArray
 
 from multvae.artifacts import MANIFEST, VERSIONS, ModelVersion, load_version
 from multvae.errors import DataError
-from multvae.recommend import topk
+from multvae.recommend import Scorer
 from training.dataset import HeldOut
 from training.evaluate import (
     HELDOUT_FILE,
@@ -176,6 +176,7 @@ def _rank_common(
     to_common[cols_in_model] = np.arange(len(common_ids))
     unknown_to_other = np.setdiff1d(np.arange(len(version.items)), cols_in_model)
     k = min(TOP_K, len(common_ids))
+    scorer = Scorer(version.model)  # one for every batch: it probes its kernel once
     out = []
     fold = held.fold_in
     for start in range(0, fold.shape[0], batch_size):
@@ -184,7 +185,7 @@ def _rank_common(
             cols_in_model[fold.indices[fold.indptr[u] : fold.indptr[u + 1]]]
             for u in range(start, stop)
         ]
-        ranked, scores = topk(version.model, histories, k, [unknown_to_other] * len(histories))
+        ranked, scores = scorer.topk(histories, k, [unknown_to_other] * len(histories))
         common = to_common[ranked]
         common[~np.isfinite(scores)] = len(common_ids)  # masked: fewer than k items to rank
         out.append(common)
