@@ -41,6 +41,7 @@ RUN mkdir multvae training service \
 
 # same as CI (2/2): the project itself (its dependencies are already satisfied above).
 COPY multvae ./multvae
+COPY multvae_cli ./multvae_cli
 COPY training ./training
 COPY service ./service
 RUN python -m pip install . && rm -rf build

@@ -124,7 +124,8 @@ def tables(args: argparse.Namespace) -> None:
 
 
 def ml20m_split(seed: int) -> Split:
-    from training.preprocess import PRESETS, filter_interactions
+    from training.catalog import PRESETS
+    from training.preprocess import filter_interactions
     from training.split import strong_generalisation_split
     from training.synthetic import generate
 

@@ -118,7 +118,8 @@ def main() -> None:
         print(json.dumps(child(Path(args.child[0]), args.child[1], args.batches, args.threads)))
         return
 
-    from training.preprocess import PRESETS, filter_interactions
+    from training.catalog import PRESETS
+    from training.preprocess import filter_interactions
     from training.split import strong_generalisation_split
     from training.synthetic import generate
 

@@ -4,6 +4,7 @@
       versions/<version>/   model.safetensors, config.json, items.json, metrics.json,
                             manifest.json (sha256 of every other file)
       CURRENT               one line: the version to serve
+      PREVIOUS              one line: the version CURRENT replaced (what a rollback returns to)
 
 A version is written to a temporary directory, fsynced and renamed into place, so a reader
 sees either nothing or the whole version; ``CURRENT`` is replaced atomically the same way.
@@ -39,6 +40,7 @@ ITEMS = "items.json"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+PREVIOUS = "PREVIOUS"
 VERSIONS = "versions"
 FILES = (WEIGHTS, CONFIG, ITEMS, METRICS)
 STALE_TMP_SECONDS = 6 * 3600
@@ -167,15 +169,21 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def set_current(model_dir: Path | str, version: str) -> None:
-    """Atomically point ``CURRENT`` at an existing, verified version."""
+    """Atomically point ``CURRENT`` at an existing, verified version.
+
+    The version it replaces is first recorded in ``PREVIOUS`` (atomically too), so that
+    :func:`rollback` can return to it. A crash between the two writes leaves ``PREVIOUS``
+    naming the version that still serves, which :func:`rollback` refuses by name.
+    """
     model_dir = Path(model_dir)
     verify_version(model_dir / VERSIONS / version)
+    replaced = current_version(model_dir)
+    if replaced is not None and replaced != version:
+        atomic_write(model_dir / PREVIOUS, (replaced + "\n").encode())
     atomic_write(model_dir / CURRENT, (version + "\n").encode())
 
 
-def current_version(model_dir: Path | str) -> str | None:
-    """The version ``CURRENT`` names, or None when there is no pointer."""
-    path = Path(model_dir) / CURRENT
+def _read_pointer(path: Path) -> str | None:
     try:
         name = path.read_text().strip()
     except FileNotFoundError:
@@ -185,6 +193,40 @@ def current_version(model_dir: Path | str) -> str | None:
             f"{path} cannot be read ({exc}); it must hold one version name"
         ) from exc
     return name or None
+
+
+def current_version(model_dir: Path | str) -> str | None:
+    """The version ``CURRENT`` names, or None when there is no pointer."""
+    return _read_pointer(Path(model_dir) / CURRENT)
+
+
+def previous_version(model_dir: Path | str) -> str | None:
+    """The version ``CURRENT`` replaced last, or None when it never moved."""
+    return _read_pointer(Path(model_dir) / PREVIOUS)
+
+
+def rollback(model_dir: Path | str) -> tuple[str, str]:
+    """Point ``CURRENT`` back at the version it replaced; returns (from, to).
+
+    The version rolled back from becomes ``PREVIOUS``, so a second rollback undoes the first.
+    """
+    model_dir = Path(model_dir)
+    current = current_version(model_dir)
+    previous = previous_version(model_dir)
+    if current is None:
+        raise NoModelError(f"{model_dir} has no {CURRENT} version to roll back from")
+    if previous is None or previous == current:
+        raise ArtifactError(
+            f"{model_dir}: {CURRENT} ({current}) has not replaced another version, so there is "
+            "nothing to roll back to; pick one with `multvae promote MODEL_DIR VERSION`"
+        )
+    if not (model_dir / VERSIONS / previous).is_dir():
+        raise NoModelError(
+            f"{model_dir}: the version {CURRENT} replaced, {previous}, is no longer under "
+            f"{VERSIONS}/; pick one of the remaining versions with `multvae promote`"
+        )
+    set_current(model_dir, previous)
+    return current, previous
 
 
 def list_versions(model_dir: Path | str) -> list[str]:
@@ -254,15 +296,16 @@ def load_version(
 
 
 def remove_old_versions(model_dir: Path | str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names.
+    """Delete all but the newest ``keep`` versions, never those ``CURRENT`` and ``PREVIOUS``
+    name (the one serving and the one a rollback returns to).
 
     Temporary directories left by an interrupted write are removed after six hours.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    current = current_version(model_dir)
+    pinned = {current_version(model_dir), previous_version(model_dir)}
     versions = list_versions(model_dir)
-    removable = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
+    removable = [v for v in versions[: max(0, len(versions) - keep)] if v not in pinned]
     for version in removable:
         shutil.rmtree(Path(model_dir) / VERSIONS / version)
     # Half-written versions of a killed trainer never become visible; reclaim their space

@@ -1,4 +1,8 @@
-"""``multvae train | evaluate | compare | generate``: the offline subcommands."""
+"""``multvae train | evaluate | compare | generate | retrain``: the offline subcommands.
+
+This module only builds parsers: torch, scipy, pandas and the training code are imported
+inside the commands, so that ``multvae --help`` and a mistyped flag answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from multvae.artifacts import VERSIONS, load_version
-from multvae.device import resolve_device
-from multvae.errors import DataError, TrainingError
-from training.evaluate import HELDOUT_FILE, evaluate_model, format_evaluation, load_heldout
-from training.pipeline import DataSpec, split_for_version, train_and_write, train_config_for
-from training.preprocess import PRESETS
-from training.readers import ALIASES, FORMATS
+from training.catalog import ALIASES, FORMATS, PRESETS
+
+# Exit codes of `multvae retrain`, for cron, the k8s CronJob's podFailurePolicy and
+# deploy/entrypoint-trainer.sh.
+EXIT_PROMOTED = 0  # the candidate now serves (or there was no current version)
+EXIT_FAILED = 1  # something went wrong; CURRENT is untouched
+EXIT_USAGE = 2  # invalid arguments (argparse); nothing was done
+EXIT_KEPT = 3  # the gate refused the candidate; the current version keeps serving
+METRICS = ("recall@20", "recall@50", "ndcg@100")
+
+if TYPE_CHECKING:
+    from training.pipeline import DataSpec
+    from training.train import TrainConfig
 
 FORMAT_CHOICES = ("auto", *FORMATS, *ALIASES)
 
@@ -110,8 +120,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
 
 
 def spec_from_args(args: argparse.Namespace) -> DataSpec:
+    from training.pipeline import DataSpec
+
     return DataSpec(
-        path=args.data,
+        # Absolute: evaluate --baselines and retrain find it again from any directory.
+        path=str(Path(args.data).absolute()),
         format=args.format,
         user_col=args.user_col,
         item_col=args.item_col,
@@ -175,7 +188,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
-_CONFIG_FLAGS = (
+CONFIG_FLAGS = (
     "model",
     "likelihood",
     "hidden_dims",
@@ -194,26 +207,39 @@ _CONFIG_FLAGS = (
 )
 
 
-def train_config_from_args(args: argparse.Namespace, spec: DataSpec) -> Any:
-    overrides = {k: getattr(args, k) for k in _CONFIG_FLAGS if getattr(args, k) is not None}
+def train_config_from_args(args: argparse.Namespace, spec: DataSpec) -> TrainConfig:
+    from training.pipeline import train_config_for
+
+    overrides = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     if args.no_early_stopping:
         overrides["patience"] = None
     return train_config_for(spec, **overrides)
 
 
+def describe_split(stats: dict[str, Any], seed: int) -> str:
+    return (
+        f"data: {stats['users']} users, {stats['items']} items, {stats['train_clicks']} "
+        f"training clicks; {stats['val_users']} validation / {stats['test_users']} test users "
+        f"(seed {seed})"
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from multvae.artifacts import VERSIONS
+    from multvae.device import resolve_device
+    from training.evaluate import format_evaluation
+    from training.pipeline import prepare, train_and_write
+
     spec = spec_from_args(args)
     config = train_config_from_args(args, spec)
     resolve_device(config.device)  # fail before reading data
+    print(f"reading {spec.path} ...", flush=True)
+    data = prepare(spec)
+    print(describe_split(data.split.stats, spec.seed), flush=True)
     trained = train_and_write(
-        spec, config, args.out, promote=not args.no_promote, progress=not args.quiet
-    )
-    stats = trained.data.split.stats
-    print(
-        f"data: {stats['users']} users, {stats['items']} items, {stats['train_clicks']} "
-        f"training clicks; {stats['val_users']} validation / {stats['test_users']} test users "
-        f"(seed {spec.seed})"
-    )
+        spec, config, args.out, promote=not args.no_promote, progress=not args.quiet,
+        prepared=data,
+    )  # fmt: skip
     r = trained.result
     print(
         f"trained {config.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
@@ -238,15 +264,25 @@ def _baseline_names(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from multvae.artifacts import load_version
+    from multvae.device import resolve_device
+    from training.evaluate import HELDOUT_FILE, evaluate_model, format_evaluation, load_heldout
+    from training.pipeline import recorded_data_path, split_for_version
+
     device = resolve_device(args.device)
     version = load_version(args.model_dir, args.version, device)
-    if args.baselines and args.data is None:
-        raise DataError(
-            "--baselines needs --data: baselines are fitted on the training users, which a "
-            "model version does not store; pass the file the version was trained on"
-        )
-    split = split_for_version(version, args.data) if args.data is not None else None
+    data = args.data
+    if args.baselines and data is None:
+        # Baselines are fitted on the training users, which a version does not store: re-read
+        # the recorded file; split_for_version refuses it when its fingerprint has changed.
+        data = recorded_data_path(version)
+        _stderr(f"baselines: re-reading {data}, the file version {version.version} recorded")
+    split = split_for_version(version, data) if data is not None else None
     if split is not None:
         test = split.test
     else:
@@ -257,9 +293,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from training.baselines import run_baselines
 
         # Progress goes to stderr so that --json output stays parseable.
-        baselines = run_baselines(
-            split, args.baselines, log=lambda line: print(line, file=sys.stderr, flush=True)
-        )
+        baselines = run_baselines(split, args.baselines, log=_stderr)
     report = None
     if args.report:
         from training.report import write_version_report
@@ -269,6 +303,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out: dict[str, Any] = {"version": version.version, "test": evaluation.to_json()}
         if baselines:
             out["baselines"] = {name: r.to_json() for name, r in baselines.items()}
+            out["data"] = data
         if report is not None:
             out["report"] = {"markdown": str(report[0]), "html": str(report[1])}
         print(json.dumps(out, indent=2, allow_nan=False))
@@ -291,6 +326,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from multvae.device import resolve_device
     from training.compare import compare_versions
 
     result = compare_versions(
@@ -312,16 +348,55 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 3 if regressed and args.fail_on_regression else 0
 
 
+# What `multvae generate` writes for an --out suffix when --format is not given.
+SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".txt": "msd"}
+
+
+def generate_format(out: Path, fmt: str | None) -> str:
+    """The format --out and --format ask for; DataError when they disagree or say nothing."""
+    from multvae.errors import DataError
+
+    by_suffix = SUFFIX_FORMATS.get(out.suffix.lower())
+    known = ", ".join(f"{s} ({f})" for s, f in SUFFIX_FORMATS.items())
+    if fmt is None:
+        if by_suffix is None:
+            raise DataError(
+                f"cannot tell the format from {out.name!r}: name the file with one of {known}, "
+                "or pass --format"
+            )
+        return by_suffix
+    if by_suffix is not None and by_suffix != fmt and not (fmt == "msd" and by_suffix == "tsv"):
+        raise DataError(
+            f"--format {fmt} but {out.name!r} ends in {out.suffix} ({by_suffix}); "
+            "give the file a matching suffix or drop --format"
+        )
+    return fmt
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from multvae.errors import TrainingError
     from training.synthetic import SHAPES, generate, write
 
     if args.shape not in SHAPES:
         raise TrainingError(f"unknown shape {args.shape!r}; choose one of {sorted(SHAPES)}")
-    inter = generate(args.shape, seed=args.seed)
     path = Path(args.out)
-    write(inter, path, args.format)
-    print(f"wrote {len(inter)} interactions ({args.shape}) to {path}")
+    fmt = generate_format(path, args.format)
+    inter = generate(args.shape, seed=args.seed)
+    write(inter, path, fmt)
+    print(f"wrote {len(inter)} interactions ({args.shape}) to {path} as {fmt}")
     return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from training.retrain import run_retrain_command
+
+    return run_retrain_command(args)
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from training.download import download_command
+
+    return download_command(args)
 
 
 def register(subparsers: Any) -> None:
@@ -344,7 +419,8 @@ def register(subparsers: Any) -> None:
         type=_baseline_names,
         metavar="NAMES",
         help="also score baselines on the same test users, e.g. popularity,ease,wmf "
-        "(fitted on the training users: needs --data)",
+        "(fitted on the training users: re-reads --data, by default the file the version "
+        "was trained on when it is unchanged)",
     )
     p.add_argument(
         "--report",
@@ -376,12 +452,110 @@ def register(subparsers: Any) -> None:
 
     p = subparsers.add_parser("generate", help="write synthetic clustered interaction data")
     p.add_argument("--shape", required=True, help="small, ml-20m, netflix or msd")
-    p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--format", default="csv", choices=("csv", "tsv", "parquet", "msd"))
+    p.add_argument(
+        "--out", required=True,
+        help=f"output file; its suffix picks the format ({', '.join(SUFFIX_FORMATS)})",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("csv", "tsv", "parquet", "msd"),
+        help="output format (default: from the suffix of --out)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
-    # Imported here: training.retrain builds on this module's argument helpers.
-    from training.retrain import register_retrain
-
     register_retrain(subparsers)
+    register_data(subparsers)
+
+
+EPILOG = f"""\
+exit codes:
+  {EXIT_PROMOTED}  promoted: the candidate is CURRENT (or was the first model)
+  {EXIT_FAILED}  failed: an error (data, training, comparison, disk); CURRENT is untouched
+  {EXIT_USAGE}  invalid arguments; nothing was done
+  {EXIT_KEPT}  kept: the gate refused the candidate; the current version keeps serving
+
+Every run writes MODEL_DIR/reports/retrain-<UTC time>.json with the decision and both
+versions' metrics. A running service picks a promoted version up by itself (hot reload).
+"""
+
+
+def register_retrain(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "retrain",
+        help="train a new version, promote it only if it is not worse than CURRENT",
+        description=(
+            "Train a candidate version from the data, score it and the current version on "
+            "the test users both held out (clicks on items both know), and promote it "
+            "(atomic CURRENT swap) unless it is worse by more than the tolerance. "
+            "Without data or model flags it reuses the recipe CURRENT was trained with "
+            "(its config.json: file, filters, held-out users, seed, training settings); "
+            "each flag given replaces its recorded value, and the command says what it used."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_arguments(p, required=False)
+    add_model_arguments(p)
+    # None = "not given": the recorded recipe's value is used (training.retrain.recipe_from).
+    p.set_defaults(format=None, seed=None, model=None, likelihood=None)
+    p.add_argument("--model-dir", required=True, help="model directory (versions/ and CURRENT)")
+    g = p.add_argument_group("quality gate")
+    g.add_argument("--metric", default="ndcg@100", choices=METRICS, help="gate metric")
+    g.add_argument(
+        "--tolerance", type=float, default=0.01,
+        help="allowed drop of the metric versus CURRENT (default 0.01)",
+    )  # fmt: skip
+    g.add_argument(
+        "--tolerance-mode", default="absolute", choices=("absolute", "relative"),
+        help="absolute: metric units; relative: a fraction of CURRENT's value",
+    )  # fmt: skip
+    g.add_argument(
+        "--force", action="store_true",
+        help="promote even when the gate refuses or the versions cannot be compared",
+    )  # fmt: skip
+    g = p.add_argument_group("housekeeping and output")
+    g.add_argument(
+        "--keep", type=int, default=3,
+        help="garbage collection keeps the newest N versions, and always CURRENT and the "
+        "version it replaced (PREVIOUS, for rollback) (default 3)",
+    )  # fmt: skip
+    g.add_argument(
+        "--keep-refused", action="store_true",
+        help="leave a refused candidate under versions/ for inspection (default: delete it)",
+    )  # fmt: skip
+    g.add_argument("--json", action="store_true", help="print the JSON report")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_retrain)
+
+
+
+
+DATASET_NAMES = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "msd")
+
+
+def register_data(subparsers: Any) -> None:
+    data = subparsers.add_parser("data", help="public datasets: download")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "download",
+        help="download, check (sha256) and unpack a public dataset for multvae train --data",
+        description=(
+            "Download NAME's archive (resuming a partial download with HTTP Range requests), "
+            "check its sha256, and unpack it to DIR/NAME, ready for multvae train --data "
+            "DIR/NAME. MovieLens archives are checked against their known digests; the MSD "
+            "taste profile has no published one (its digest is printed; --sha256 checks it)."
+        ),
+    )
+    p.add_argument("name", choices=DATASET_NAMES, help="dataset")
+    p.add_argument("--to", default="data", help="parent directory (default ./data)")
+    p.add_argument(
+        "--base-url",
+        help="fetch the archive from this mirror, under its usual file name "
+        "(default: MULTVAE_DATA_BASE_URL, else the publisher's site)",
+    )
+    p.add_argument("--sha256", help="expected sha256 of the archive (default: the known one)")
+    p.add_argument(
+        "--archive", help="an archive downloaded already (e.g. on another machine): check, unpack"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_download)

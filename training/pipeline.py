@@ -19,9 +19,10 @@ import torch
 from multvae.artifacts import ModelVersion, write_version
 from multvae.device import resolve_device
 from multvae.errors import DataError
+from training.catalog import PRESETS, Preprocessing
 from training.dataset import Split
 from training.evaluate import Evaluation, evaluate_model, save_heldout
-from training.preprocess import PRESETS, Preprocessing, default_preprocessing, filter_interactions
+from training.preprocess import default_preprocessing, filter_interactions
 from training.readers import read_interactions
 from training.split import data_fingerprint, strong_generalisation_split
 from training.train import TrainConfig, TrainResult, train
@@ -157,7 +158,8 @@ def train_and_write(
         "split": {"seed": split.seed, **split.stats},
         "filter_stats": data.filter_stats,
         "data_fingerprint": data.fingerprint,
-        "training": {**config.to_dict(), **asdict(result.plan)},
+        "training": {**config.to_dict(), **asdict(result.plan)},  # as resolved on this data
+        "train_config": config.to_dict(),  # as given: what `multvae retrain` reuses
         "beta": result.beta,
         "environment": {
             "torch": torch.__version__, "python": platform.python_version(), "device": str(device)
@@ -171,15 +173,42 @@ def train_and_write(
     return TrainedVersion(version, result, validation, test, data)
 
 
-def split_for_version(version: ModelVersion, data_path: str | None = None) -> Split:
-    """Rebuild the split a version was trained on (optionally reading the data from elsewhere)."""
+def _recorded_spec(version: ModelVersion) -> DataSpec:
     try:
-        spec = DataSpec.from_dict(version.config["data"])
+        return DataSpec.from_dict(version.config["data"])
     except (KeyError, TypeError) as exc:
         raise DataError(f"{version.path} records no data recipe in config.json") from exc
+
+
+def recorded_data_path(version: ModelVersion) -> str:
+    """The data file a version was trained on, when it is still there (DataError otherwise)."""
+    path = _recorded_spec(version).path
+    if not Path(path).exists():
+        raise DataError(
+            f"version {version.version} was trained on {path}, which is no longer there: "
+            "pass --data with that file (or a copy of it)"
+        )
+    return path
+
+
+def split_for_version(version: ModelVersion, data_path: str | None = None) -> Split:
+    """Rebuild the split a version was trained on (optionally reading the data from elsewhere).
+
+    The data must be what the version was trained on: its fingerprint (of the filtered
+    interactions) must match the one recorded in config.json, else DataError.
+    """
+    spec = _recorded_spec(version)
     if data_path is not None:
         spec = replace(spec, path=data_path)
-    split = prepare(spec).split
+    prepared = prepare(spec)
+    split = prepared.split
+    recorded = version.config.get("data_fingerprint")
+    if recorded is not None and prepared.fingerprint != recorded:
+        raise DataError(
+            f"{spec.path} is not the data version {version.version} was trained on: its "
+            f"fingerprint is {prepared.fingerprint}, config.json records {recorded} (the file "
+            "changed since training); pass --data with the original file"
+        )
     if tuple(split.items.ids) != tuple(version.items.ids):
         raise DataError(
             f"{spec.path} does not rebuild the item vocabulary of version {version.version} "

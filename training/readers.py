@@ -24,12 +24,9 @@ import pyarrow.parquet as pq
 from numpy.typing import NDArray
 
 from multvae.errors import DataError, MalformedLineError
+from training.catalog import ALIASES, FORMATS
 from training.dataset import Interactions
 
-FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
-# Layout-identical releases read by the same code.
-ALIASES = {"ml-10m": "ml-1m", "ml-25m": "ml-20m", "ml-latest": "ml-20m",
-           "ml-latest-small": "ml-20m"}
 USER_COLUMNS = ("userId", "user_id", "user", "userID", "UserId")
 ITEM_COLUMNS = ("itemId", "item_id", "movieId", "movie_id", "item", "song", "song_id", "itemID")
 RATING_COLUMNS = ("rating",)  # a count column must be named explicitly: it is not a rating

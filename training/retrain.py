@@ -30,12 +30,13 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from multvae.artifacts import (
+    CONFIG,
     VERSIONS,
     atomic_write,
     current_version,
@@ -45,24 +46,21 @@ from multvae.artifacts import (
 from multvae.device import resolve_device
 from multvae.errors import MultVAEError
 from training.cli import (
-    add_data_arguments,
-    add_model_arguments,
-    spec_from_args,
-    train_config_from_args,
+    CONFIG_FLAGS,
+    EXIT_FAILED,
+    EXIT_KEPT,
+    EXIT_PROMOTED,
+    EXIT_USAGE,
+    METRICS,
 )
 from training.compare import ComparisonResult, compare_versions
-from training.pipeline import DataSpec, TrainedVersion, train_and_write
+from training.pipeline import DataSpec, TrainedVersion, train_and_write, train_config_for
 from training.train import TrainConfig
 
 log = logging.getLogger(__name__)
 
-# Exit codes, for cron, the k8s CronJob's podFailurePolicy and deploy/entrypoint-trainer.sh.
-EXIT_PROMOTED = 0  # the candidate now serves (or there was no current version)
-EXIT_FAILED = 1  # something went wrong; CURRENT is untouched
-EXIT_USAGE = 2  # invalid arguments (argparse); nothing was done
-EXIT_KEPT = 3  # the gate refused the candidate; the current version keeps serving
+__all__ = ["EXIT_FAILED", "EXIT_KEPT", "EXIT_PROMOTED", "EXIT_USAGE", "Gate", "retrain"]
 
-METRICS = ("recall@20", "recall@50", "ndcg@100")
 REPORTS = "reports"
 LOCK_FILE = ".retrain.lock"
 
@@ -308,62 +306,64 @@ def _collect_garbage(model_dir: Path, keep: int) -> list[str]:
 
 # -- command line ------------------------------------------------------------------------
 
-EPILOG = f"""\
-exit codes:
-  {EXIT_PROMOTED}  promoted: the candidate is CURRENT (or was the first model)
-  {EXIT_FAILED}  failed: an error (data, training, comparison, disk); CURRENT is untouched
-  {EXIT_USAGE}  invalid arguments; nothing was done
-  {EXIT_KEPT}  kept: the gate refused the candidate; the current version keeps serving
 
-Every run writes MODEL_DIR/{REPORTS}/retrain-<UTC time>.json with the decision and both
-versions' metrics. A running service picks a promoted version up by itself (hot reload).
-"""
+def recipe_from(model_dir: Path, args: argparse.Namespace) -> tuple[DataSpec, TrainConfig, str]:
+    """The data spec and training config to retrain with, and a line saying where they came from.
 
-
-def register_retrain(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "retrain",
-        help="train a new version, promote it only if it is not worse than CURRENT",
-        description=(
-            "Train a candidate version from the data, score it and the current version on "
-            "the test users both held out (clicks on items both know), and promote it "
-            "(atomic CURRENT swap) unless it is worse by more than the tolerance."
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_data_arguments(p)
-    add_model_arguments(p)
-    p.add_argument("--model-dir", required=True, help="model directory (versions/ and CURRENT)")
-    g = p.add_argument_group("quality gate")
-    g.add_argument("--metric", default="ndcg@100", choices=METRICS, help="gate metric")
-    g.add_argument(
-        "--tolerance", type=float, default=0.01,
-        help="allowed drop of the metric versus CURRENT (default 0.01)",
-    )  # fmt: skip
-    g.add_argument(
-        "--tolerance-mode", default="absolute", choices=("absolute", "relative"),
-        help="absolute: metric units; relative: a fraction of CURRENT's value",
-    )  # fmt: skip
-    g.add_argument(
-        "--force", action="store_true",
-        help="promote even when the gate refuses or the versions cannot be compared",
-    )  # fmt: skip
-    g = p.add_argument_group("housekeeping and output")
-    g.add_argument(
-        "--keep", type=int, default=3,
-        help="garbage collection keeps the newest N versions, and CURRENT always (default 3)",
-    )  # fmt: skip
-    g.add_argument(
-        "--keep-refused", action="store_true",
-        help="leave a refused candidate under versions/ for inspection (default: delete it)",
-    )  # fmt: skip
-    g.add_argument("--json", action="store_true", help="print the JSON report")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_retrain)
+    Without flags: the recipe the version ``CURRENT`` names was trained with (its config.json);
+    each data or model flag given on the command line replaces its recorded value. ``--device``
+    is the machine's business, not the recipe's: it is never taken from the record.
+    """
+    given_data = {
+        f.name: getattr(args, "data" if f.name == "path" else f.name)
+        for f in fields(DataSpec)
+        if getattr(args, "data" if f.name == "path" else f.name) not in (None, False)
+    }
+    if "path" in given_data:
+        given_data["path"] = str(Path(given_data["path"]).absolute())
+    given_train = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    if args.no_early_stopping:
+        given_train["patience"] = None
+    flags = sorted({*given_data, *given_train} - {"device"})
+    from_flags = ", ".join("--" + ("data" if f == "path" else f).replace("_", "-") for f in flags)
+    current = current_version(model_dir)
+    if current is None:
+        if "path" not in given_data:
+            raise MultVAEError(
+                f"{model_dir} has no CURRENT version whose recipe could be reused: "
+                "pass --data (and any other data flags) for the first model"
+            )
+        spec = DataSpec(**given_data)
+        return spec, train_config_for(spec, **given_train), "recipe: from the command line"
+    config_path = model_dir / VERSIONS / current / CONFIG
+    try:
+        recorded = json.loads(config_path.read_text())
+        spec = DataSpec.from_dict({**recorded["data"], **given_data})
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MultVAEError(
+            f"cannot reuse the recipe of CURRENT version {current}: {config_path} records no "
+            f"readable data recipe ({exc}); pass --data and the other flags explicitly"
+        ) from exc
+    names = {f.name for f in fields(TrainConfig)}
+    # train_config (the settings as given) is recorded since 0.1; older versions have only
+    # the resolved "training" block, whose values are the ones they actually trained with.
+    train = recorded.get("train_config") or recorded.get("training", {})
+    train = {k: v for k, v in train.items() if k in names and k != "device"}
+    if isinstance(train.get("hidden_dims"), list):
+        train["hidden_dims"] = tuple(train["hidden_dims"])
+    config = replace(TrainConfig(**train), **given_train)
+    where = f"recipe: CURRENT version {current}'s ({config_path})"
+    return spec, config, where + (f", except {from_flags} from the command line" if flags else "")
 
 
-def cmd_retrain(args: argparse.Namespace) -> int:
+def describe_recipe(spec: DataSpec, config: TrainConfig) -> str:
+    data = ", ".join(f"{k} {v}" for k, v in spec.to_dict().items() if v not in (None, False))
+    train = ", ".join(f"{k} {v}" for k, v in config.to_dict().items() if v is not None)
+    return f"  data: {data}\n  training: {train}"
+
+
+def run_retrain_command(args: argparse.Namespace) -> int:
+    """``multvae retrain``: the parser is :func:`training.cli.register_retrain`."""
     if args.keep < 1:
         print(f"multvae retrain: error: --keep must be >= 1, got {args.keep}", file=sys.stderr)
         return EXIT_USAGE
@@ -373,13 +373,21 @@ def cmd_retrain(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    spec = spec_from_args(args)
-    config = train_config_from_args(args, spec)
+    model_dir = Path(args.model_dir)
+    try:
+        spec, config, where = recipe_from(model_dir, args)
+    except MultVAEError as exc:
+        print(f"multvae retrain: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    # Said before training starts (on stderr under --json, which keeps stdout for the report).
+    out = sys.stderr if args.json else sys.stdout
+    print(f"{where}\n{describe_recipe(spec, config)}", file=out, flush=True)
     gate = Gate(args.metric, args.tolerance, args.tolerance_mode, args.force)
     result = retrain(
-        spec, config, args.model_dir, gate,
+        spec, config, model_dir, gate,
         keep=args.keep, keep_refused=args.keep_refused, progress=not args.quiet,
     )  # fmt: skip
+    result.report["recipe"] = where
     if args.json:
         print(json.dumps(result.report, indent=2, allow_nan=False))
     else:

@@ -24,7 +24,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from multvae.artifacts import current_version, list_versions, load_version
-from multvae.cli import build_parser
+from multvae_cli import build_parser
 from service.metrics import Metrics
 from training.retrain import EXIT_FAILED, EXIT_KEPT, EXIT_PROMOTED, EXIT_USAGE
 

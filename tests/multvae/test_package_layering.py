@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+HEAVY = {"torch", "scipy", "pandas", "pyarrow", "numpy", "fastapi", "starlette", "uvicorn",
+         "redis", "pydantic", "sklearn", "matplotlib"}
 
 
 def _modules_after(statement: str) -> set[str]:
@@ -24,7 +32,37 @@ def test_training_never_imports_the_service_or_web_stack() -> None:
 def test_core_imports_neither_half() -> None:
     loaded = _modules_after(
         "import multvae.model, multvae.artifacts, multvae.recommend, multvae.ranking, "
-        "multvae.items, multvae.device, multvae.demo"
+        "multvae.items, multvae.device"
     )
     assert "multvae" in loaded
     assert not loaded & {"training", "service", "fastapi", "redis"}
+
+
+def test_core_names_neither_half_not_even_as_a_string() -> None:
+    # importlib.import_module("training.cli") would hide the dependency from the import test.
+    pattern = re.compile(r"\b(training|service)\.[a-z_]+|\b(import|from) (training|service)\b")
+    offending = [
+        f"{path.name}: {match.group(0)}"
+        for path in sorted((ROOT / "multvae").glob("*.py"))
+        for match in pattern.finditer(path.read_text())
+    ]
+    assert offending == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["train", "--help"], ["retrain", "--help"], ["serve", "--help"],
+     ["data", "download", "--help"], ["versions", "--help"], ["demo", "--help"]],
+)
+def test_help_imports_neither_torch_nor_the_web_stack(argv: list[str]) -> None:
+    # `multvae --help` used to import torch and scipy for every subcommand (4 s).
+    code = (
+        "import sys\nfrom multvae_cli import main\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "sys.stderr.write(' '.join(sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert "usage: multvae" in out.stdout
+    loaded = {m.split(".")[0] for m in out.stderr.split()}
+    assert {"multvae_cli", "training", "service"} <= loaded  # every parser was built
+    assert not loaded & HEAVY

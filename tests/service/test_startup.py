@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from service_support import Trained, make_settings
 
-from multvae.cli import main
+from multvae_cli import main
 from multvae.errors import DeviceError, NoModelError
 from service.app import create_app
 from service.settings import usable_cpus
@@ -51,7 +51,7 @@ def test_serve_refuses_cuda_before_binding(
     trained: Trained, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["serve", "--model-dir", str(trained.model_dir), "--device", "cuda", "--port", "1"])
-    assert code == 1  # multvae.cli: a MultVAEError exits 1
+    assert code == 1  # multvae_cli: a MultVAEError exits 1
     assert "multvae serve: error: device 'cuda' was requested" in capsys.readouterr().err
 
 
@@ -59,7 +59,7 @@ def test_serve_without_a_model_says_how_to_get_one(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = main(["serve", "--model-dir", str(tmp_path), "--device", "cpu", "--port", "1"])
-    assert code == 1  # multvae.cli: a MultVAEError exits 1
+    assert code == 1  # multvae_cli: a MultVAEError exits 1
     err = capsys.readouterr().err
     assert "has no CURRENT model version" in err
     assert "multvae train" in err

@@ -146,7 +146,7 @@ def test_versions_without_common_test_users_are_refused(tmp_path: Path) -> None:
 def test_compare_command_exit_code_is_the_gate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from multvae.cli import main
+    from multvae_cli import main
 
     users = [(f"u{u}", [SHARED[2 + u % 10]], ["i0", "i1"]) for u in range(30)]
     served, candidate = model_for(12), model_for(12)

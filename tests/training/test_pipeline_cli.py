@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from multvae.artifacts import current_version, list_versions, load_version
-from multvae.cli import main
+from multvae_cli import main
 from training.evaluate import HELDOUT_FILE, load_heldout
 
 

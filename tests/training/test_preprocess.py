@@ -10,14 +10,9 @@ import pandas as pd
 import pytest
 
 from multvae.errors import DataError
+from training.catalog import PRESETS, Preprocessing
 from training.dataset import Interactions
-from training.preprocess import (
-    PRESETS,
-    Preprocessing,
-    default_preprocessing,
-    filter_interactions,
-    first_occurrences,
-)
+from training.preprocess import default_preprocessing, filter_interactions, first_occurrences
 
 
 def make(rows: Sequence[tuple[Any, Any, float]], values: bool = True) -> Interactions:

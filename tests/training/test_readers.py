@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from multvae.errors import DataError, MalformedLineError
+from training.catalog import FORMATS
 from training.dataset import Interactions
-from training.readers import FORMATS, detect_format, read_interactions
+from training.readers import detect_format, read_interactions
 
 U_DATA = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t377\t5\t878887116\n22\t242\t4.5\t1\n"
 

@@ -167,7 +167,7 @@ def write_block_csv(path: Path, seed: int = 0) -> None:
 def test_evaluate_with_baselines_writes_the_report_it_prints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from multvae.cli import main
+    from multvae_cli import main
 
     data, model_dir = tmp_path / "ratings.csv", tmp_path / "model"
     write_block_csv(data)

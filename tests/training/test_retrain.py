@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from multvae.artifacts import VERSIONS, current_version, list_versions, load_version, write_version
-from multvae.cli import main
+from multvae_cli import main
 from training.dataset import Interactions
 from training.pipeline import DataSpec, train_config_for
 from training.retrain import (

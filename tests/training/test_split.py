@@ -10,8 +10,9 @@ import pytest
 import scipy.sparse as sp
 
 from multvae.errors import DataError
+from training.catalog import PRESETS
 from training.dataset import Interactions, Split
-from training.preprocess import PRESETS, filter_interactions
+from training.preprocess import filter_interactions
 from training.readers import read_interactions
 from training.split import data_fingerprint, resolve_heldout, strong_generalisation_split
 from training.synthetic import generate

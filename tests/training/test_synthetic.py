@@ -9,8 +9,9 @@ import pytest
 import scipy.sparse as sp
 
 from multvae.errors import DataError
+from training.catalog import PRESETS
 from training.dataset import Interactions
-from training.preprocess import PRESETS, default_preprocessing, filter_interactions
+from training.preprocess import default_preprocessing, filter_interactions
 from training.readers import read_interactions
 from training.synthetic import SHAPE_SPECS, SHAPES, generate, generate_with_truth, write
 

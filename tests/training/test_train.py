@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from multvae.errors import TrainingError
+from training.catalog import Preprocessing
 from training.dataset import Split
 from training.evaluate import evaluate_model, evaluate_topk
-from training.preprocess import Preprocessing, filter_interactions
+from training.preprocess import filter_interactions
 from training.split import strong_generalisation_split
 from training.synthetic import generate
 from training.train import BetaSchedule, TrainConfig, plan, train

@@ -1,7 +1,10 @@
 """``multvae demo``: generate data, train, serve, answer one request, the whole path in a minute.
 
 It drives the other subcommands as child processes (``multvae generate``, ``multvae train``,
-``multvae serve``) exactly as a user would type them, so it imports neither half.
+``multvae serve``) exactly as a user would type them, so it imports neither half. Each step
+is announced as it starts; the server's log goes to a file in the working directory, so the
+answer printed is the service's JSON alone. A working directory the demo created itself is
+removed at the end; one given with ``--workdir`` is kept.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +26,7 @@ from typing import Any
 
 
 def _multvae(*args: str) -> list[str]:
-    return [sys.executable, "-m", "multvae.cli", *args]
+    return [sys.executable, "-m", "multvae_cli", *args]
 
 
 def _free_port() -> int:
@@ -66,46 +70,62 @@ def _a_user_history(data: Path, max_items: int = 10) -> list[str]:
     return clicks[user][:max_items]
 
 
+def _step(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    temporary = args.workdir is None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="multvae-demo-"))
     work.mkdir(parents=True, exist_ok=True)
-    data, models = work / "ratings.csv", work / "models"
-    print(f"[demo] working in {work}", flush=True)
+    kept = "removed at the end" if temporary else "kept"
+    _step(f"working in {work} ({kept})")
+    try:
+        return _demo(work, args)
+    finally:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+            _step(f"removed {work} (pass --workdir DIR to keep the data, model and log)")
+
+
+def _demo(work: Path, args: argparse.Namespace) -> int:
+    data, models, log = work / "ratings.csv", work / "models", work / "serve.log"
+    _step(f"1/4 generating synthetic ratings: multvae generate --shape small --out {data}")
     subprocess.run(_multvae("generate", "--shape", "small", "--out", str(data)), check=True)
+    _step(f"2/4 training {args.epochs} epochs on the CPU: multvae train --out {models}")
     subprocess.run(
         _multvae(
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(models),
-            "--quiet",
-            "--epochs",
-            str(args.epochs),
-            "--device",
-            "cpu",
+            "train", "--data", str(data), "--out", str(models),
+            "--epochs", str(args.epochs), "--device", "cpu",
         ),
         check=True,
-    )
+    )  # fmt: skip
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        _multvae("serve", "--model-dir", str(models), "--port", str(port), "--device", "cpu")
-    )
-    try:
-        _wait_ready(base, server)
-        history = _a_user_history(data)
-        body = {"items": history, "n": 10}
-        print(f"[demo] POST {base}/recommend {json.dumps(body)}", flush=True)
-        print(json.dumps(_request(f"{base}/recommend", body), indent=2), flush=True)
-        if args.keep_serving:
-            print(f"[demo] serving on {base} (Ctrl-C to stop)", flush=True)
-            server.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    _step(f"3/4 starting the service on {base} (its log: {log})")
+    with log.open("wb") as log_file:
+        server = subprocess.Popen(
+            _multvae("serve", "--model-dir", str(models), "--port", str(port), "--device", "cpu"),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_ready(base, server)
+            history = _a_user_history(data)
+            body = {"items": history, "n": 10}
+            _step(f"4/4 POST {base}/recommend {json.dumps(body)}")
+            print(json.dumps(_request(f"{base}/recommend", body), indent=2), flush=True)
+            if args.keep_serving:
+                _step(f"serving on {base} (Ctrl-C to stop)")
+                server.wait()
+        except KeyboardInterrupt:
+            pass
+        except SystemExit:
+            print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
+            raise
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
     return 0
 
 
@@ -113,7 +133,11 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo", help="generate data, train, serve and answer one request (about a minute)"
     )
-    p.add_argument("--workdir", help="where data and models go (default: a new temp dir)")
+    p.add_argument(
+        "--workdir",
+        help="where data, models and the server log go, kept afterwards (default: a temporary "
+        "directory, removed at the end)",
+    )
     p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
     p.add_argument("--keep-serving", action="store_true", help="keep the server running")
     p.set_defaults(func=run)
