@@ -17,7 +17,8 @@ METRICS = ("recall@20", "recall@50", "ndcg@100")
 
 def _summary(path: Path) -> dict[str, Any]:
     """Created time and test metrics from a version's JSON files (no weights are loaded)."""
-    from multvae.artifacts import CONFIG, METRICS as METRICS_FILE
+    from multvae.artifacts import CONFIG
+    from multvae.artifacts import METRICS as METRICS_FILE
 
     out: dict[str, Any] = {"created_at": None, "test_users": None, "test": {}}
     try:

@@ -125,9 +125,8 @@ def _fetch(url: str, part: Path, size: int | None, progress: bool) -> None:
                 return
             raise DataError(f"{url} answered HTTP {exc.code} {exc.reason}") from exc
         except urllib.error.URLError as exc:
-            if part.exists() and part.stat().st_size > 0:
-                if attempt < ATTEMPTS:
-                    continue
+            if part.exists() and part.stat().st_size > 0 and attempt < ATTEMPTS:
+                continue
             raise _offline(url, exc.reason) from exc
         except (http.client.HTTPException, OSError) as exc:
             if attempt == ATTEMPTS:

@@ -173,6 +173,7 @@ def retrain(
     keep: int = 3,
     keep_refused: bool = False,
     progress: bool = False,
+    recipe: str | None = None,
 ) -> RetrainResult:
     """One retraining run; never raises for a run that fails (the result says ``failed``)."""
     gate = gate or Gate()
@@ -189,6 +190,7 @@ def retrain(
         "started_at": started.isoformat(),
         "model_dir": str(model_dir.resolve()),
         "data": spec.to_dict(),
+        "recipe": recipe,
         "gate": {
             "metric": gate.metric,
             "tolerance": gate.tolerance,
@@ -385,9 +387,8 @@ def run_retrain_command(args: argparse.Namespace) -> int:
     gate = Gate(args.metric, args.tolerance, args.tolerance_mode, args.force)
     result = retrain(
         spec, config, model_dir, gate,
-        keep=args.keep, keep_refused=args.keep_refused, progress=not args.quiet,
+        keep=args.keep, keep_refused=args.keep_refused, progress=not args.quiet, recipe=where,
     )  # fmt: skip
-    result.report["recipe"] = where
     if args.json:
         print(json.dumps(result.report, indent=2, allow_nan=False))
     else:

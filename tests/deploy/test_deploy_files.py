@@ -264,10 +264,15 @@ def test_dockerignore_lets_in_only_what_the_image_copies() -> None:
 
 
 def _run_trainer(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    bin_dir = str(Path(sys.executable).parent)  # the multvae console script
+    # `multvae` as this checkout defines it (an installed console script may be older).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "multvae"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m multvae_cli "$@"\n')
+    shim.chmod(0o755)
     full = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MULTVAE_")},
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", ""),
         "MULTVAE_MODEL_DIR": str(tmp_path / "models"),
         "MULTVAE_DEMO_DATA": str(tmp_path / "data" / "demo-small.csv"),
         **env,

@@ -35,9 +35,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _multvae() -> str:
-    exe = Path(sys.executable).with_name("multvae")
-    return str(exe) if exe.exists() else "multvae"
+# The console script as this checkout defines it (an installed one may be older).
+MULTVAE = [sys.executable, "-m", "multvae_cli"]
 
 
 @dataclass
@@ -86,7 +85,7 @@ def server_for(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
         }
         with log.open("wb") as out:
             procs.append(subprocess.Popen(
-                [_multvae(), "serve", "--model-dir", str(model_dir), "--port", str(port),
+                [*MULTVAE, "serve", "--model-dir", str(model_dir), "--port", str(port),
                  "--device", os.environ.get("MULTVAE_TEST_DEVICE", "cpu"), "--no-access-log"],
                 env=env, stdout=out, stderr=subprocess.STDOUT,
             ))  # fmt: skip

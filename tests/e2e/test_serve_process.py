@@ -80,9 +80,8 @@ class Server:
         return int(self.proc.returncode)
 
 
-def _multvae() -> str:
-    exe = Path(sys.executable).with_name("multvae")
-    return str(exe) if exe.exists() else "multvae"
+# The console script as this checkout defines it (an installed one may be older).
+MULTVAE = [sys.executable, "-m", "multvae_cli"]
 
 
 @pytest.fixture
@@ -95,7 +94,7 @@ def model_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def served(model_dir: Path, tmp_path: Path) -> Iterator[Server]:
     port = _free_port()
-    argv = [_multvae(), "serve", "--model-dir", str(model_dir), "--port", str(port),
+    argv = [*MULTVAE, "serve", "--model-dir", str(model_dir), "--port", str(port),
             "--device", os.environ.get("MULTVAE_TEST_DEVICE", "cpu")]  # fmt: skip
     env = {"MULTVAE_RELOAD_INTERVAL_S": "0", "MULTVAE_API_KEY": "e2e-key"}
     server = Server(argv, env, tmp_path / "serve.log", port)
@@ -229,7 +228,7 @@ def test_a_corrupt_current_version_fails_startup(model_dir: Path, tmp_path: Path
     with (model_dir / VERSIONS / version / WEIGHTS).open("ab") as fh:
         fh.write(b"x")
     port = _free_port()
-    argv = [_multvae(), "serve", "--model-dir", str(model_dir), "--port", str(port),
+    argv = [*MULTVAE, "serve", "--model-dir", str(model_dir), "--port", str(port),
             "--device", os.environ.get("MULTVAE_TEST_DEVICE", "cpu")]  # fmt: skip
     server = Server(argv, {}, tmp_path / "bad.log", port)
     try:

@@ -9,8 +9,8 @@ import torch
 from fastapi.testclient import TestClient
 from service_support import Trained, make_settings
 
-from multvae_cli import main
 from multvae.errors import DeviceError, NoModelError
+from multvae_cli import main
 from service.app import create_app
 from service.settings import usable_cpus
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from pathlib import Path
 
@@ -175,9 +176,6 @@ def test_evaluate_with_baselines_writes_the_report_it_prints(
     assert main([*argv, "--epochs", "3", "--quiet"]) == 0
     capsys.readouterr()
 
-    assert main(["evaluate", str(model_dir), "--baselines", "popularity"]) == 1
-    assert "--baselines needs --data" in capsys.readouterr().err
-
     argv = ["evaluate", str(model_dir), "--data", str(data), "--report"]
     assert main([*argv, "--baselines", "popularity,ease"]) == 0
     printed = capsys.readouterr().out
@@ -192,6 +190,39 @@ def test_evaluate_with_baselines_writes_the_report_it_prints(
     assert "| # of users | 200 |" in text
     assert_png((reports[0] / CURVE_PNG).read_bytes())
     assert f"report: {reports[0] / 'report.md'}" in printed
+
+
+def test_evaluate_baselines_reuses_the_recorded_data_while_it_is_unchanged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to refuse without --data although config.json records the file.
+    from multvae_cli import main
+
+    data, model_dir = tmp_path / "ratings.csv", tmp_path / "model"
+    write_block_csv(data)
+    argv = ["train", "--data", str(data), "--out", str(model_dir), "--heldout-users", "20"]
+    assert main([*argv, "--epochs", "2", "--quiet"]) == 0
+    capsys.readouterr()
+
+    evaluate = ["evaluate", str(model_dir), "--baselines", "popularity", "--json"]
+    assert main(evaluate) == 0
+    out, err = capsys.readouterr()
+    assert f"re-reading {data}" in err
+    result = json.loads(out)
+    assert result["data"] == str(data)
+    assert result["baselines"]["popularity"]["test"]["users"] == 20
+
+    write_block_csv(data, seed=1)  # same users and items, other clicks: a changed file
+    assert main(evaluate) == 1
+    err = capsys.readouterr().err
+    assert f"{data} is not the data version" in err
+    assert "fingerprint" in err
+    assert "pass --data with the original file" in err
+
+    data.unlink()
+    assert main(evaluate) == 1
+    err = capsys.readouterr().err
+    assert f"was trained on {data}, which is no longer there" in err
 
 
 def test_a_one_user_group_reports_its_undefined_standard_error(tmp_path: Path) -> None:
