@@ -326,3 +326,70 @@ def test_the_report_turns_non_finite_numbers_into_null() -> None:
     assert json.dumps(_json_safe(report), allow_nan=False) == (
         '{"se": null, "t": [null, 1.5], "n": {"users": 1}}'
     )
+
+
+# -- retrain reuses the recipe CURRENT was trained with -----------------------------------
+
+
+def test_retrain_without_flags_reuses_currents_recipe(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It used to demand --data again and use the defaults for every flag not repeated (94
+    # instead of 100 held-out users), and compare, promote and serve on those.
+    data, model_dir = tmp_path / "clicks.csv", tmp_path / "models"
+    write(small_data(), data)
+    recipe = ["--heldout-users", "60", "--min-user-clicks", "3", "--seed", "7",
+              "--epochs", "2", "--hidden-dims", "none", "--latent-dim", "8"]  # fmt: skip
+    assert main(["train", "--data", str(data), "--out", str(model_dir), *recipe,
+                 "--device", "cpu", "--quiet"]) == 0  # fmt: skip
+    first = current_version(model_dir)
+    capsys.readouterr()
+
+    code = main(["retrain", "--model-dir", str(model_dir), "--quiet", "--json", "--force"])
+
+    assert code == EXIT_PROMOTED
+    out, err = capsys.readouterr()
+    assert f"recipe: CURRENT version {first}'s" in err
+    assert "from the command line" not in err
+    report = json.loads(out)
+    assert report["data"]["path"] == str(data)
+    candidate = load_version(model_dir, report["candidate"])
+    cfg = candidate.config
+    assert cfg["data"]["heldout_users"] == 60
+    assert cfg["data"]["min_user_clicks"] == 3
+    assert cfg["data"]["seed"] == 7
+    assert cfg["split"] == load_version(model_dir, first).config["split"]  # the same split
+    assert cfg["train_config"]["latent_dim"] == 8
+    assert cfg["train_config"]["epochs"] == 2
+    assert cfg["train_config"]["hidden_dims"] == []
+
+
+def test_retrain_flags_given_replace_the_recorded_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data, model_dir = tmp_path / "clicks.csv", tmp_path / "models"
+    write(small_data(), data)
+    assert main(["train", "--data", str(data), "--out", str(model_dir), "--heldout-users", "60",
+                 "--epochs", "2", "--latent-dim", "8", "--device", "cpu", "--quiet"]) == 0
+    capsys.readouterr()
+
+    code = main(["retrain", "--model-dir", str(model_dir), "--heldout-users", "40",
+                 "--epochs", "1", "--quiet", "--force"])  # fmt: skip
+
+    assert code == EXIT_PROMOTED
+    out = capsys.readouterr().out
+    assert "except --epochs, --heldout-users from the command line" in out
+    assert out.index("recipe:") < out.index("PROMOTED")  # said before training, not after
+    cfg = load_version(model_dir).config
+    assert cfg["data"]["heldout_users"] == 40
+    assert cfg["train_config"]["epochs"] == 1
+    assert cfg["train_config"]["latent_dim"] == 8  # not given: recorded
+
+
+def test_retrain_of_an_empty_model_dir_needs_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["retrain", "--model-dir", str(tmp_path / "m"), *FLAGS]) == EXIT_USAGE
+    assert "has no CURRENT version whose recipe could be reused: pass --data" in (
+        capsys.readouterr().err
+    )
