@@ -167,6 +167,31 @@ def test_a_running_service_switches_to_the_promoted_version(
     assert served["version"] == new
 
 
+def test_a_running_service_follows_promote_and_rollback(
+    tmp_path: Path, server_for: Callable[[Path], str]
+) -> None:
+    from multvae_cli import main
+
+    inter = generate("small", seed=0)
+    data = tmp_path / "clicks.csv"
+    write(inter, data)
+    spec = DataSpec(str(data))
+    config = train_config_for(spec, epochs=1, hidden_dims=(), latent_dim=8, device="cpu")
+    model_dir = tmp_path / "models"
+    old = retrain(spec, config, model_dir).report["candidate"]
+    new = retrain(spec, config, model_dir, Gate(force=True)).report["candidate"]
+    base = server_for(model_dir)
+
+    def served() -> str:
+        return str(httpx.get(f"{base}/model", timeout=10).json()["version"])
+
+    assert served() == new
+    assert main(["rollback", str(model_dir)]) == 0
+    _wait(lambda: served() == old, f"the service to roll back to {old}")
+    assert main(["promote", str(model_dir), new]) == 0
+    _wait(lambda: served() == new, f"the service to serve {new} again")
+
+
 def _wait(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + SWITCH_S
     while not condition():
