@@ -219,8 +219,8 @@ def _run(
     history: list[EpochRecord] = []
     stale = 0
     started = time.perf_counter()
-    bar = tqdm(range(1, sched.epochs + 1), disable=not progress, unit="epoch")
-    for epoch in bar:
+    bar = tqdm(total=sched.epochs, disable=not progress, unit="epoch")
+    for epoch in range(1, sched.epochs + 1):
         model.train()
         tic = time.perf_counter()
         total, n_seen, beta = 0.0, 0, 0.0
@@ -267,7 +267,11 @@ def _run(
         else:
             stale += 1
         schedule.observe(improved, best_beta)
+        bar.update(1)
         if sched.patience is not None and stale >= sched.patience:
+            # The bar ends full at the epochs that ran, not at "400/1000".
+            bar.total = epoch
+            bar.set_description(f"stopped early ({sched.patience} epochs without gain)")
             break
     bar.close()
     model.load_state_dict(best_state)

@@ -126,3 +126,17 @@ def test_adaptive_plan_on_small_data() -> None:
     assert big.hidden_dims == (600,)
     assert big.epochs == 100
     assert big.batch_size == 499
+
+
+def test_the_progress_bar_ends_at_the_epochs_that_ran(
+    split: Split, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # It counted to the planned epochs and stopped part-way when early stopping ended training.
+    config = TrainConfig(**{**FAST, "epochs": 200, "patience": 2, "lr": 0.5})
+    result = train(split, config, progress=True)
+    ran = len(result.history)
+    assert ran < 200
+    final = capsys.readouterr().err.split("\r")[-1]
+    assert f"{ran}/{ran}" in final
+    assert "stopped early (2 epochs without gain)" in final
+    assert "/200" not in final
