@@ -316,11 +316,10 @@ def recipe_from(model_dir: Path, args: argparse.Namespace) -> tuple[DataSpec, Tr
     each data or model flag given on the command line replaces its recorded value. ``--device``
     is the machine's business, not the recipe's: it is never taken from the record.
     """
-    given_data = {
-        f.name: getattr(args, "data" if f.name == "path" else f.name)
-        for f in fields(DataSpec)
-        if getattr(args, "data" if f.name == "path" else f.name) not in (None, False)
-    }
+    flag_values = {f.name: getattr(args, "data" if f.name == "path" else f.name)
+                   for f in fields(DataSpec)}  # fmt: skip
+    # Unset flags are None (False for --keep-all-ratings); 0 is a value (--seed 0).
+    given_data = {k: v for k, v in flag_values.items() if v is not None and v is not False}
     if "path" in given_data:
         given_data["path"] = str(Path(given_data["path"]).absolute())
     given_train = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
@@ -359,7 +358,9 @@ def recipe_from(model_dir: Path, args: argparse.Namespace) -> tuple[DataSpec, Tr
 
 
 def describe_recipe(spec: DataSpec, config: TrainConfig) -> str:
-    data = ", ".join(f"{k} {v}" for k, v in spec.to_dict().items() if v not in (None, False))
+    data = ", ".join(
+        f"{k} {v}" for k, v in spec.to_dict().items() if v is not None and v is not False
+    )
     train = ", ".join(f"{k} {v}" for k, v in config.to_dict().items() if v is not None)
     return f"  data: {data}\n  training: {train}"
 
