@@ -393,3 +393,19 @@ def test_retrain_of_an_empty_model_dir_needs_data(
     assert "has no CURRENT version whose recipe could be reused: pass --data" in (
         capsys.readouterr().err
     )
+
+
+def test_a_flag_given_as_zero_still_replaces_the_recorded_value(tmp_path: Path) -> None:
+    from multvae_cli import build_parser
+    from training.retrain import recipe_from
+
+    version = tmp_path / VERSIONS / "v1"
+    version.mkdir(parents=True)
+    recorded = {"data": DataSpec(str(tmp_path / "x.csv"), seed=7).to_dict(),
+                "train_config": TrainConfig(seed=7, latent_dim=8).to_dict()}  # fmt: skip
+    (version / "config.json").write_text(json.dumps(recorded))
+    (tmp_path / "CURRENT").write_text("v1\n")
+    args = build_parser().parse_args(["retrain", "--model-dir", str(tmp_path), "--seed", "0"])
+    spec, config, where = recipe_from(tmp_path, args)
+    assert (spec.seed, config.seed, config.latent_dim) == (0, 0, 8)
+    assert where.endswith("except --seed from the command line")
