@@ -52,8 +52,6 @@ def trivial_server(port: int) -> None:
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from service.transport import HttpProtocol
-
     app = FastAPI()
     constant = b'{"items":[],"ok":true}'
 
@@ -70,9 +68,7 @@ def trivial_server(port: int) -> None:
     readyz.__annotations__ = {"request": Request, "return": Response}
     app.add_api_route("/recommend", recommend, methods=["POST"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
-    # The same HTTP protocol as `multvae serve` (one write per response), so the ceiling is
-    # that of the stack the service runs on.
-    uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False, http=HttpProtocol)
+    uvicorn.run(app, host=HOST, port=port, log_level="warning", access_log=False)
 
 
 # -- the load generator -----------------------------------------------------------------------
