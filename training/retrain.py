@@ -44,7 +44,7 @@ from multvae.artifacts import (
 )
 from multvae.device import resolve_device
 from multvae.errors import MultVAEError
-from training.cli import (
+from training.arguments import (
     add_data_arguments,
     add_model_arguments,
     spec_from_args,
