@@ -27,7 +27,7 @@ def _anneal_cap(text: str) -> float | str:
     return value
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -71,9 +71,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     g.add_argument("--user-col", help="user column of a generic CSV/TSV/Parquet file")
     g.add_argument("--item-col", help="item column of a generic CSV/TSV/Parquet file")
     g.add_argument("--rating-col", help="explicit rating column (binarised at --min-rating)")
-    g.add_argument(
-        "--count-col", help="play/click count column: every row with a count is a click"
-    )
+    g.add_argument("--count-col", help="play/click count column: every row with a count is a click")
     g.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -81,18 +79,17 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
         "training schedule; ml-100k, ml-latest-small: the split of REFERENCE.md",
     )
     g.add_argument(
-        "--min-rating", type=float,
+        "--min-rating",
+        type=float,
         help="keep ratings > this (default 3.5 when the file has ratings; files of clicks "
         "or counts keep every row)",
     )
     g.add_argument(
         "--keep-all-ratings", action="store_true", help="do not binarise: every row is a click"
     )
+    g.add_argument("--min-user-clicks", type=positive_int, help="drop users with fewer (default 5)")
     g.add_argument(
-        "--min-user-clicks", type=_positive, help="drop users with fewer (default 5)"
-    )
-    g.add_argument(
-        "--min-item-users", type=_positive, help="drop items with fewer users (default 0)"
+        "--min-item-users", type=positive_int, help="drop items with fewer users (default 0)"
     )
     g.add_argument(
         "--heldout-users",
@@ -134,18 +131,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for a VAE with >= 10,000 "
         "training users, none below and for the DAE)",
     )
-    g.add_argument("--latent-dim", type=_positive, help="K (default 200)")
+    g.add_argument("--latent-dim", type=positive_int, help="K (default 200)")
     g.add_argument("--dropout", type=float, help="input dropout (default 0.5)")
     g.add_argument(
-        "--epochs", type=_positive,
+        "--epochs",
+        type=positive_int,
         help="epochs (default: 200 / 100 under the paper presets, else enough for "
         "--min-updates, between 100 and 1000)",
     )
     g.add_argument(
-        "--min-updates", type=_positive, help="train at least this many updates (default 2000)"
+        "--min-updates", type=positive_int, help="train at least this many updates (default 2000)"
     )
     g.add_argument(
-        "--batch-size", type=_positive,
+        "--batch-size",
+        type=positive_int,
         help="users per batch (default 500 under the paper presets, else <= 500 split evenly)",
     )
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
@@ -155,13 +154,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="beta cap in [0, 1], 'auto' (anneal to 1, retrain to the peak) or 'auto-single'",
     )
     g.add_argument(
-        "--total-anneal-steps", type=_positive,
+        "--total-anneal-steps",
+        type=positive_int,
         help="updates until beta would reach 1 (default 200,000 under the paper presets, else "
         "scaled so beta reaches its cap half-way through training)",
     )
     g.add_argument("--weight-decay", type=float, help="L2 weight (default 0.01 DAE, 0 VAE)")
     g.add_argument(
-        "--patience", type=_positive,
+        "--patience",
+        type=positive_int,
         help="stop after this many epochs without validation gain (default: an eighth of the "
         "epochs, at least 20; none under the paper presets)",
     )

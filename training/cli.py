@@ -14,6 +14,7 @@ from multvae.errors import DataError, TrainingError
 from training.arguments import (
     add_data_arguments,
     add_model_arguments,
+    positive_int,
     spec_from_args,
     train_config_from_args,
 )
@@ -145,6 +146,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ids(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from multvae.recommend import Recommender
+
+    version = load_version(args.model_dir, args.version, resolve_device(args.device))
+    recommender = Recommender(version.model, version.items, version.version)
+    rec = recommender.recommend(args.items, args.n, args.exclude, args.candidates)
+    if args.json:
+        out = {
+            "model_version": version.version,
+            "items": [{"item": item, "score": score} for item, score in rec.items],
+            "unknown_items": rec.unknown,
+            "fallback": rec.fallback,
+        }
+        print(json.dumps(out, indent=2, allow_nan=False))
+        return 0
+    if rec.unknown:
+        print(f"ignored unknown item ids: {', '.join(rec.unknown)}", file=sys.stderr)
+    if rec.fallback is not None:
+        print(f"no known history: {rec.fallback} ranking", file=sys.stderr)
+    titles = version.items.titles
+    for rank, (item, score) in enumerate(rec.items, start=1):
+        column = version.items.column(item)
+        title = titles[column] if titles is not None and column is not None else None
+        print(f"{rank:>4}  {item}  {score:.4f}" + (f"  {title}" if title else ""))
+    return 0
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train a model version from an interaction file")
     add_data_arguments(p)
@@ -194,6 +226,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser(
+        "recommend",
+        help="top-n items for one click history, from a model version (no server needed)",
+    )
+    p.add_argument("model_dir", help="model directory")
+    p.add_argument("items", type=_ids, help="the history: comma-separated item ids")
+    p.add_argument("-n", type=positive_int, default=20, help="items to return (default 20)")
+    p.add_argument("--exclude", type=_ids, default=[], help="item ids never to return")
+    p.add_argument("--candidates", type=_ids, help="rank only these item ids")
+    p.add_argument("--version", help="version to use (default: CURRENT)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_recommend)
 
     p = subparsers.add_parser("generate", help="write synthetic clustered interaction data")
     p.add_argument("--shape", required=True, help="small, ml-20m, netflix or msd")
