@@ -96,7 +96,7 @@ class Recommender:
 
     def unknown(self, items: Sequence[str]) -> list[str]:
         """The ids in ``items`` this model does not know, in input order."""
-        return [item for item in items if self.items.column(item) is None]
+        return self.items.unknown(items)
 
     def recommend(
         self,
