@@ -69,6 +69,11 @@ class ItemIndex:
                 cols.append(col)
         return np.asarray(cols, dtype=np.int64), unknown
 
+    def unknown(self, items: Iterable[str]) -> list[str]:
+        """The ids in ``items`` that are not in the index, in input order."""
+        lookup: dict[str, int] = self._lookup  # type: ignore[attr-defined]
+        return [item for item in items if item not in lookup]
+
     def popularity_ranking(self) -> NDArray[np.int64]:
         """Columns by descending training popularity; ties by column (stable)."""
         return np.argsort(-self.popularity, kind="stable").astype(np.int64)

@@ -7,7 +7,7 @@ min(|held-out|, k) items.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,15 +18,26 @@ from torch import Tensor
 
 
 def mask_and_topk(
-    scores: Tensor, masked: Sequence[NDArray[np.int64]], k: int
+    scores: Tensor,
+    masked: Sequence[NDArray[np.int64]],
+    k: int,
+    allowed: Sequence[NDArray[np.int64] | None] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
     """Top-k columns and scores per row after setting each row's ``masked`` columns to -inf.
 
-    ``scores`` is (B, I) and is modified in place. Rows may return masked columns only when
-    fewer than k unmasked items exist; callers drop entries whose score is -inf.
+    ``scores`` is (B, I) and is modified in place. ``allowed[b]``, when given and not None,
+    restricts row b to those columns (every other column is masked too). Rows may return
+    masked columns only when fewer than k unmasked items exist; callers drop entries whose
+    score is -inf.
     """
     if len(masked) != scores.shape[0]:
         raise ValueError(f"{len(masked)} masks for {scores.shape[0]} score rows")
+    if allowed is not None:
+        for row, keep in enumerate(allowed):
+            if keep is not None:
+                outside = torch.ones(scores.shape[1], dtype=torch.bool, device=scores.device)
+                outside[torch.from_numpy(keep).to(scores.device)] = False
+                scores[row, outside] = -torch.inf
     lengths = [len(m) for m in masked]
     if sum(lengths):
         rows = torch.repeat_interleave(
@@ -37,6 +48,40 @@ def mask_and_topk(
     k = min(k, scores.shape[1])
     values, indices = torch.topk(scores, k, dim=1, sorted=True)
     return indices.cpu().numpy().astype(np.int64), values.float().cpu().numpy()
+
+
+def topk_rows(
+    score: Callable[[sp.csr_matrix], Tensor],
+    fold_in: sp.csr_matrix,
+    k: int,
+    *,
+    exclude: NDArray[np.int64] | None = None,
+    batch_size: int = 1000,
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """(B, k) ranked columns and scores for every fold-in row, in batches of ``batch_size``.
+
+    ``score`` maps a block of fold-in rows (b, I) to a (b, I) score tensor of its own (it is
+    masked in place). Each row's own clicks are masked, and ``exclude`` (columns) in every
+    row; a score of -inf marks a masked column returned because fewer than k were left. The
+    one batched top-k of the project: the model's evaluation, the baselines and
+    ``multvae compare`` all rank through it.
+    """
+    fold_in = sp.csr_matrix(fold_in)
+    extra = exclude if exclude is not None else np.zeros(0, dtype=np.int64)
+    cols, scores = [], []
+    for start in range(0, fold_in.shape[0], batch_size):
+        block = fold_in[start : start + batch_size]
+        masked = [
+            np.concatenate([block.indices[block.indptr[i] : block.indptr[i + 1]], extra])
+            for i in range(block.shape[0])
+        ]
+        c, s = mask_and_topk(score(block), [m.astype(np.int64) for m in masked], k)
+        cols.append(c)
+        scores.append(s)
+    if not cols:
+        width = min(k, fold_in.shape[1])
+        return np.zeros((0, width), dtype=np.int64), np.zeros((0, width), dtype=np.float32)
+    return np.concatenate(cols), np.concatenate(scores)
 
 
 def _hits(topk: NDArray[np.int64], targets: sp.csr_matrix) -> NDArray[np.bool_]:

@@ -1,13 +1,16 @@
 """Fold-in: the one code path from click histories to ranked items, offline and online.
 
-``multvae evaluate`` and the HTTP service both go through :class:`Recommender`, so a service
-response equals what the offline evaluation computes for the same history.
+:func:`fold_in_scores` is the model's scoring (z = mu(x), logits = f(z)); :func:`rank_rows`
+ranks held-out fold-in rows with it (``multvae evaluate``, per-epoch validation) and
+:class:`Recommender` speaks item ids (the service, ``multvae recommend``). Both rank through
+:func:`multvae.ranking.mask_and_topk`, so a service response equals what the offline
+evaluation computes for the same history.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,18 +20,142 @@ from torch import Tensor
 
 from multvae.items import ItemIndex
 from multvae.model import MultVAE, SparseRows
-from multvae.ranking import mask_and_topk
+from multvae.ranking import mask_and_topk, topk_rows
 
 EMPTY = np.zeros(0, dtype=np.int64)
+_NO_SCORES = np.zeros(0, dtype=np.float32)
+Ranked = tuple[NDArray[np.int64], NDArray[np.float32]]  # columns, scores
+
+
+@torch.no_grad()
+def fold_in_scores(model: MultVAE, x: SparseRows) -> Tensor:
+    """(B, I) decoder logits at the encoder mean, in fp32 through the model's own layers."""
+    return model.decode(model.encode(x)[0])
+
+
+def block_scorer(model: MultVAE) -> Callable[[sp.csr_matrix], Tensor]:
+    """:func:`fold_in_scores` for a block of fold-in rows given as a CSR matrix."""
+    model.eval()
+    device = model.input_weight.device
+
+    def score(block: sp.csr_matrix) -> Tensor:
+        return fold_in_scores(model, SparseRows.from_csr(block, device))
+
+    return score
+
+
+def rank_rows(
+    model: MultVAE, fold_in: sp.csr_matrix, k: int, batch_size: int = 1000
+) -> NDArray[np.int64]:
+    """(B, k) ranked columns for every row of a fold-in matrix, its clicks masked (evaluation)."""
+    return topk_rows(block_scorer(model), fold_in, k, batch_size=batch_size)[0]
+
+
+@dataclass(frozen=True)
+class Query:
+    """One click history in item ids; ``candidates``, when given, limits what may be ranked."""
+
+    items: Sequence[str]
+    n: int = 20
+    exclude: Sequence[str] = ()
+    candidates: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
 class Recommendation:
-    """Ranked columns with their scores; ``fallback`` names the ranking used when not the model."""
+    """Ranked ``(item id, score)`` pairs; ``unknown`` are history ids the model ignored.
 
-    columns: NDArray[np.int64]
-    scores: NDArray[np.float32]
+    ``fallback`` names the ranking used when the history gave the model nothing
+    (``"popularity"``: training click counts as scores), else it is None.
+    """
+
+    items: list[tuple[str, float]]
+    unknown: list[str] = field(default_factory=list)
     fallback: str | None = None
+
+
+class Recommender:
+    """Item ids in, ranked ``(item, score)`` out: fold-in with a trained model.
+
+    ``version`` names the model version it serves (empty offline). Blocking: the service
+    calls it on its inference thread.
+    """
+
+    def __init__(self, model: MultVAE, items: ItemIndex, version: str = "") -> None:
+        if model.config.n_items != len(items):
+            raise ValueError(f"model has {model.config.n_items} items, index has {len(items)}")
+        self.model = model.eval()
+        self.items = items
+        self.version = version
+        self.device = model.input_weight.device
+        self._popularity_order = items.popularity_ranking()
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    def unknown(self, items: Sequence[str]) -> list[str]:
+        """The ids in ``items`` this model does not know, in input order."""
+        return self.items.unknown(items)
+
+    def recommend(
+        self,
+        items: Sequence[str],
+        n: int,
+        exclude: Sequence[str] = (),
+        candidates: Sequence[str] | None = None,
+    ) -> Recommendation:
+        """Top ``n`` items for one history; history and ``exclude`` are never returned."""
+        return self.recommend_batch([Query(items, n, exclude, candidates)])[0]
+
+    def recommend_batch(self, queries: Sequence[Query]) -> list[Recommendation]:
+        """Every query in one forward pass, in order; empty histories use popularity."""
+        lookup = self.items.columns
+        resolved = [lookup(q.items) for q in queries]
+        histories = [history for history, _ in resolved]
+        excluded = [lookup(q.exclude)[0] if q.exclude else EMPTY for q in queries]
+        allowed = [None if q.candidates is None else lookup(q.candidates)[0] for q in queries]
+        columns: list[Ranked] = [(EMPTY, _NO_SCORES)] * len(queries)
+        fallback: list[str | None] = [None] * len(queries)
+        model_rows = [b for b, h in enumerate(histories) if len(h)]
+        if model_rows:
+            k = min(max(queries[b].n for b in model_rows), self.n_items)
+            x = _rows([histories[b] for b in model_rows], self.n_items, self.device)
+            cols, scores = mask_and_topk(
+                fold_in_scores(self.model, x),
+                [np.concatenate([histories[b], excluded[b]]) for b in model_rows],
+                k,
+                [allowed[b] for b in model_rows],
+            )
+            for row, b in enumerate(model_rows):
+                keep = np.isfinite(scores[row])
+                n = queries[b].n
+                columns[b] = (cols[row][keep][:n], scores[row][keep][:n])
+        for b, h in enumerate(histories):
+            if not len(h):
+                columns[b] = self._popular(queries[b].n, excluded[b], allowed[b])
+                fallback[b] = "popularity"
+        ids = self.items.ids
+        return [
+            Recommendation(
+                [(ids[c], s) for c, s in zip(cols.tolist(), scores.tolist(), strict=True)],
+                resolved[b][1],
+                fallback[b],
+            )
+            for b, (cols, scores) in enumerate(columns)
+        ]
+
+    def _popular(
+        self, n: int, exclude: NDArray[np.int64], allowed: NDArray[np.int64] | None
+    ) -> Ranked:
+        """Cold start: the most popular training items, ``exclude`` removed."""
+        order = self._popularity_order
+        if len(exclude):
+            order = order[~np.isin(order, exclude)]
+        if allowed is not None:
+            order = order[np.isin(order, allowed)]
+        top = order[:n]
+        return top, self.items.popularity[top].astype(np.float32)
 
 
 def _rows(histories: Sequence[NDArray[np.int64]], n_items: int, device: torch.device) -> SparseRows:
@@ -42,141 +169,3 @@ def _rows(histories: Sequence[NDArray[np.int64]], n_items: int, device: torch.de
         shape=(len(histories), n_items),
     )
     return SparseRows.from_csr(x, device)
-
-
-class Scorer:
-    """Fold-in scores for a model: z = mu(x), logits = f(z), seen items masked for top-k.
-
-    The decoder's output layer (p_dims[-2] x I) is almost all of a fold-in's arithmetic. On
-    the CPU it runs through oneDNN's linear kernel on the layer's own (live) weights instead
-    of ``F.linear``, which goes to MKL: on the machine measured (bench/RESULTS.md) MKL did not
-    use AVX-512 on that AMD CPU and scaled poorly over threads, and oneDNN took 2x less time
-    at batch 17 with 2 threads. fp32 either way; the sums run in another order, so scores
-    agree to ~1e-6 relative (identical rankings on ML-100K). Where that kernel is missing or
-    disagrees with ``F.linear`` on a probe row, the plain layer is used.
-    """
-
-    def __init__(self, model: MultVAE) -> None:
-        self.model = model.eval()
-        self.device = model.input_weight.device
-        self.onednn = self.device.type == "cpu" and _onednn_agrees(model.output_layer)
-
-    @torch.inference_mode()
-    def scores(self, x: SparseRows) -> Tensor:
-        """(B, I) decoder logits at the encoder mean."""
-        hidden = self.model.decode_hidden(self.model.encode(x)[0])
-        layer = self.model.output_layer
-        if self.onednn:
-            return _onednn_linear(hidden, layer.weight, layer.bias)
-        return layer(hidden)
-
-    @torch.inference_mode()
-    def topk(
-        self,
-        histories: Sequence[NDArray[np.int64]],
-        k: int,
-        exclude: Sequence[NDArray[np.int64]] | None = None,
-    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-        """(B, k) top columns and scores for non-empty histories, history and exclude masked."""
-        scores = self.scores(_rows(histories, self.model.config.n_items, self.device))
-        masked = list(histories)
-        if exclude is not None:
-            masked = [np.concatenate([h, e]) for h, e in zip(histories, exclude, strict=True)]
-        return mask_and_topk(scores, masked, k)
-
-
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    # The op torch's own CPU compiler (inductor) emits for a linear layer, on plain tensors.
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def _onednn_agrees(layer: torch.nn.Linear) -> bool:
-    """Whether oneDNN's linear is usable here and gives what ``F.linear`` gives."""
-    if not torch.backends.mkldnn.is_available() or layer.weight.dtype != torch.float32:
-        return False
-    with torch.inference_mode():
-        probe = torch.linspace(-1.0, 1.0, layer.in_features).unsqueeze(0)
-        try:
-            got = _onednn_linear(probe, layer.weight, layer.bias)
-        except (AttributeError, RuntimeError):  # a torch without the op, an unsupported CPU
-            return False
-        return bool(torch.allclose(got, layer(probe), rtol=1e-4, atol=1e-5))
-
-
-def topk_rows(
-    model: MultVAE, fold_in: sp.csr_matrix, k: int, batch_size: int = 1000
-) -> NDArray[np.int64]:
-    """Ranked top-k columns for every row of a fold-in matrix (evaluation), in batches."""
-    scorer = Scorer(model)
-    fold_in = sp.csr_matrix(fold_in)
-    out = []
-    for start in range(0, fold_in.shape[0], batch_size):
-        block = fold_in[start : start + batch_size]
-        histories = [
-            block.indices[block.indptr[i] : block.indptr[i + 1]].astype(np.int64)
-            for i in range(block.shape[0])
-        ]
-        cols, _ = scorer.topk(histories, k)
-        out.append(cols)
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
-
-
-class Recommender:
-    """Scores histories with a trained model: z = mu(x), logits = f(z), seen items masked."""
-
-    def __init__(self, model: MultVAE, items: ItemIndex) -> None:
-        if model.config.n_items != len(items):
-            raise ValueError(f"model has {model.config.n_items} items, index has {len(items)}")
-        self.scorer = Scorer(model)
-        self.items = items
-        self._popularity_order = items.popularity_ranking()
-
-    @property
-    def model(self) -> MultVAE:
-        return self.scorer.model
-
-    @property
-    def n_items(self) -> int:
-        return len(self.items)
-
-    def recommend_batch(
-        self,
-        histories: Sequence[NDArray[np.int64]],
-        n: Sequence[int],
-        exclude: Sequence[NDArray[np.int64]],
-    ) -> list[Recommendation]:
-        """Top ``n[b]`` items for each history in one forward pass; empty ones use popularity."""
-        if not len(histories) == len(n) == len(exclude):
-            raise ValueError("histories, n and exclude must have the same length")
-        results: list[Recommendation | None] = [None] * len(histories)
-        model_rows = [b for b, h in enumerate(histories) if len(h)]
-        if model_rows:
-            k = min(max(n[b] for b in model_rows), self.n_items)
-            cols, scores = self.scorer.topk(
-                [histories[b] for b in model_rows],
-                k,
-                [exclude[b] for b in model_rows],
-            )
-            for row, b in enumerate(model_rows):
-                keep = np.isfinite(scores[row])
-                results[b] = Recommendation(cols[row][keep][: n[b]], scores[row][keep][: n[b]])
-        for b, h in enumerate(histories):
-            if not len(h):
-                results[b] = self.popular(n[b], exclude[b])
-        return [r for r in results if r is not None]
-
-    def recommend(
-        self, history: NDArray[np.int64], n: int, exclude: NDArray[np.int64] = EMPTY
-    ) -> Recommendation:
-        """Top ``n`` items for one history (columns), seen and excluded items never returned."""
-        return self.recommend_batch([history], [n], [exclude])[0]
-
-    def popular(self, n: int, exclude: NDArray[np.int64] = EMPTY) -> Recommendation:
-        """Cold start: the most popular training items, ``exclude`` removed."""
-        order = self._popularity_order
-        if len(exclude):
-            order = order[~np.isin(order, exclude)]
-        top = order[:n]
-        return Recommendation(
-            top, self.items.popularity[top].astype(np.float32), fallback="popularity"
-        )

@@ -1,9 +1,9 @@
 """Recommendation cache: a small interface, an in-process LRU and a Redis implementation.
 
 ``MULTVAE_REDIS_URL`` picks Redis; without it the embedded LRU serves. Keys are
-``prefix:model_version:sha256(history columns, n, exclude columns)``, so a new model version
-never reads an old version's entries, and the hash is over sorted columns, so the order in
-which a client lists its history does not matter.
+``prefix:model_version:sha256(history ids, n, exclude ids, candidate ids)``, so a new model
+version never reads an old version's entries, and the hash is over sorted ids, so the order
+in which a client lists its history does not matter.
 
 The cache is an optimisation, never a dependency: :class:`GuardedCache` counts a failure or
 timeout, answers "miss", and skips the backend for ``breaker_s`` seconds (a circuit breaker)
@@ -16,20 +16,19 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import struct
 import time
-from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from multvae.recommend import Query
 from service.metrics import Metrics
-from service.recommender import Query
 
 log = logging.getLogger("multvae.cache")
 
@@ -51,17 +50,12 @@ class Cache(Protocol):
 
 
 def cache_key(prefix: str, version: str, query: Query) -> str:
-    """``prefix:version:hex`` over the sorted unique columns, n and the sorted exclude columns."""
-    # Plain Python sorting: for the few dozen columns of a history it is several times
-    # cheaper than np.unique, and this runs on the event loop for every request.
-    history = sorted(set(query.history.tolist()))
-    exclude = sorted(set(query.exclude.tolist()))
-    digest = hashlib.sha256()
-    # Lengths first, so that no two different requests serialise to the same bytes.
-    digest.update(struct.pack("<qqq", len(history), query.n, len(exclude)))
-    digest.update(array("q", history).tobytes())
-    digest.update(array("q", exclude).tobytes())
-    return f"{prefix}:{version}:{digest.hexdigest()}"
+    """``prefix:version:hex`` over the sorted unique ids of the history, exclude and candidate
+    lists, and n: the order in which a client lists ids does not matter."""
+    candidates = None if query.candidates is None else sorted(set(query.candidates))
+    # A JSON array of the parts: unambiguous, so no two different requests share bytes.
+    parts = [sorted(set(query.items)), query.n, sorted(set(query.exclude)), candidates]
+    return f"{prefix}:{version}:{hashlib.sha256(orjson.dumps(parts)).hexdigest()}"
 
 
 class MemoryCache:

@@ -7,6 +7,7 @@ training subcommands do not pay for them here.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -31,6 +32,14 @@ def register(subparsers: Any) -> None:
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; no variable)"
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; no variable)")
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="server processes on the port, each with its own model copy, sharing the Redis "
+        "cache (default 1; no variable). Each gets usable cores / workers torch threads "
+        "unless MULTVAE_TORCH_THREADS says otherwise",
+    )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (MULTVAE_DEVICE)")
     parser.add_argument("--redis-url", help="Redis cache URL (MULTVAE_REDIS_URL)")
     parser.add_argument(
@@ -50,6 +59,13 @@ def register(subparsers: Any) -> None:
         help="no per-request log line (MULTVAE_ACCESS_LOG=false)",
     )
     parser.set_defaults(func=serve)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 _OVERRIDES = ("model_dir", "device", "redis_url", "batch_wait_ms", "batch_max_size", "log_level")
@@ -87,15 +103,18 @@ def _settings_errors(errors: Iterable[Mapping[str, Any]], from_command_line: set
 
 
 def serve(args: argparse.Namespace) -> int:
+    """Validate the settings, then run ``uvicorn service.app:create_app --factory``.
+
+    Command-line overrides travel to the app (and to every worker process) as the
+    ``MULTVAE_*`` variables they stand for, so this and plain uvicorn are the same server.
+    """
     import uvicorn
     from pydantic import ValidationError
 
     from multvae.artifacts import current_version
     from multvae.device import resolve_device
-    from service.app import create_app
     from service.logs import configure_logging
-    from service.settings import Settings
-    from service.transport import HttpProtocol
+    from service.settings import Settings, usable_cpus
 
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in _OVERRIDES if getattr(args, name) is not None
@@ -115,18 +134,22 @@ def serve(args: argparse.Namespace) -> int:
             f"{settings.model_dir} has no CURRENT model version: train one first "
             f"(multvae train --out {settings.model_dir}) or point --model-dir elsewhere"
         )
+    for name, value in overrides.items():
+        os.environ[f"MULTVAE_{name.upper()}"] = str(value)
+    if args.workers > 1 and settings.torch_threads is None:
+        # N processes with every core each would oversubscribe the CPU N times over.
+        os.environ["MULTVAE_TORCH_THREADS"] = str(max(1, usable_cpus() // args.workers))
     configure_logging(settings.log_level)
-    config = uvicorn.Config(
-        create_app(settings),
+    # On a startup failure (e.g. the model does not verify) uvicorn exits with status 3.
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
         host=args.host,
         port=args.port,
-        http=HttpProtocol,  # one write per response (service.transport)
+        workers=args.workers,
         log_config=None,
         access_log=False,
         server_header=False,
         timeout_graceful_shutdown=10,
     )
-    server = uvicorn.Server(config)
-    server.run()
-    # uvicorn returns normally when startup fails (e.g. the model does not verify).
-    return 0 if server.started else 1
+    return 0

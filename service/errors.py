@@ -1,19 +1,20 @@
-"""HTTP errors of the service and how every failure becomes a JSON ``{"detail": ...}`` body.
+"""Errors of the service, each with the HTTP status it is answered with, and the helpers that
+word them. Plain exceptions: the domain modules raise them without importing the web stack;
+``service.app`` renders every one as a JSON ``{"detail": ...}`` body.
 
     ServiceError                  base: an HTTP status and a message for the client
      ├── MalformedJSONError       400  the body is not parseable JSON
      ├── UnauthorizedError        401  API key missing or wrong (the key itself is never echoed)
      ├── AdminDisabledError       403  /admin/* called while no MULTVAE_API_KEY is configured
      ├── ReloadRefusedError       409  a reload was refused (bad version, unreadable CURRENT)
-     ├── BodyTooLargeError        413  the body exceeds MULTVAE_MAX_BODY_BYTES
      ├── UnsupportedMediaError    415  the Content-Type is not application/json
      ├── InvalidRequestError      422  one or more fields are invalid; ``errors`` lists each field
-     │    └── UnknownItemsError   422  strict mode: history ids the model does not know
      ├── NotReadyError            503  no model is loaded yet, or the inference worker failed
      └── OverloadedError          503  more than MULTVAE_MAX_PENDING histories wait (Retry-After)
 
-Framework errors are rendered the same way: query-parameter validation (422), unknown route
-(404) and wrong method (405). Unexpected exceptions become a JSON 500 in the request
+Framework errors are rendered the same way: validation (422; malformed JSON 400, a body that is
+not JSON 415), strict mode's unknown ids (422), unknown route (404), wrong method (405), a
+body above the limit (413). Unexpected exceptions become a JSON 500 in the request
 middleware (:mod:`service.middleware`); client input never reaches that path, and a client
 that hangs up mid-body is recorded there as 499 with nothing sent.
 Messages name the field and the value and say what is accepted.
@@ -25,11 +26,6 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 @dataclass(frozen=True)
@@ -81,10 +77,6 @@ class ReloadRefusedError(ServiceError):
     status = 409
 
 
-class BodyTooLargeError(ServiceError):
-    status = 413
-
-
 class UnsupportedMediaError(ServiceError):
     status = 415
 
@@ -95,10 +87,6 @@ class InvalidRequestError(ServiceError):
     @classmethod
     def of(cls, errors: Sequence[FieldError]) -> InvalidRequestError:
         return cls("; ".join(f"{e.field}: {e.message}" for e in errors), errors=errors)
-
-
-class UnknownItemsError(InvalidRequestError):
-    pass
 
 
 class NotReadyError(ServiceError):
@@ -159,50 +147,3 @@ def describe(error: dict[str, Any], accepted_fields: Sequence[str]) -> FieldErro
     else:
         message = f"{error.get('msg', 'invalid value')} (got {shown(value)})"
     return FieldError(field, message)
-
-
-def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# 503s counted in multvae_rejected_total, by reason.
-_REJECTED: dict[type[ServiceError], str] = {
-    OverloadedError: "overloaded",
-    NotReadyError: "not_ready",
-}
-
-
-def install_handlers(app: FastAPI) -> None:
-    """Render every error as JSON with a ``detail``."""
-
-    async def service_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, ServiceError)
-        # Both are 503s in the request metrics; an operator needs to tell shedding (scale
-        # out) from a service without a working model (see its log and /readyz). A 503 from
-        # /readyz is the probe's answer, not a refused request.
-        reason = _REJECTED.get(type(exc))
-        if reason is not None and getattr(request.scope.get("route"), "path", "") != "/readyz":
-            request.app.state.metrics.rejected.labels(reason).inc()
-        return _json(exc.status, exc.body(), exc.headers)
-
-    async def validation_error(_: Request, exc: Exception) -> JSONResponse:
-        # Bodies are parsed by service.bodies; what arrives here are query parameters.
-        assert isinstance(exc, RequestValidationError)
-        errors = [describe(dict(e), ()) for e in exc.errors()]
-        return _json(422, InvalidRequestError.of(errors).body())
-
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, StarletteHTTPException)
-        headers = dict(exc.headers or {})
-        if exc.status_code == 404:
-            detail = f"{request.url.path[:200]} is not an endpoint; see /docs for the API"
-        elif exc.status_code == 405:
-            allowed = headers.get("allow", headers.get("Allow", "?"))
-            detail = f"method {request.method} is not allowed here; allowed: {allowed}"
-        else:
-            detail = str(exc.detail)
-        return _json(exc.status_code, {"detail": detail}, headers)
-
-    app.add_exception_handler(ServiceError, service_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)

@@ -7,10 +7,8 @@ event loop for the GIL, costing more than the short write it was meant to move a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -56,60 +54,6 @@ class JsonLinesHandler(logging.StreamHandler):
         super().__init__(sys.stderr)
         self.setFormatter(JsonFormatter())
 
-    def write_line(self, line: str) -> None:
-        with self.lock or contextlib.nullcontext():
-            self.stream.write(line + self.terminator)
-            self.stream.flush()
-
-
-class AccessLog:
-    """The access log: one line per request, on the logger ``multvae.access``.
-
-    Through ``Logger.info`` a line cost ~20 µs inside a request (a LogRecord, the handler
-    chain and its locks, on code the request path keeps evicting from the CPU caches). When
-    logging would hand the line to nothing but the :class:`JsonLinesHandler` that
-    :func:`configure_logging` installs, the same line is rendered and written here directly.
-    Any other setup (another handler or a filter on the way, a level above INFO, pytest's
-    caplog) takes the ordinary logging path.
-    """
-
-    def __init__(self, name: str = "multvae.access") -> None:
-        self.logger = logging.getLogger(name)
-
-    def info(self, message: str, fields: dict[str, Any]) -> None:
-        handler = self._direct_handler()
-        if handler is None:
-            self.logger.info(message, extra=fields)
-            return
-        try:
-            handler.write_line(render(time.time(), "info", self.logger.name, message, fields))
-        except Exception:  # a closed or broken stream: reported as StreamHandler.emit would
-            record = logging.makeLogRecord(
-                {"name": self.logger.name, "msg": message, "levelno": logging.INFO,
-                 "levelname": "INFO", **fields}
-            )  # fmt: skip
-            handler.handleError(record)
-
-    def _direct_handler(self) -> JsonLinesHandler | None:
-        """The only handler an INFO line on this logger would reach, if it is ours."""
-        if not self.logger.isEnabledFor(logging.INFO):
-            return None
-        found: JsonLinesHandler | None = None
-        node: logging.Logger | None = self.logger
-        while node is not None:
-            if node.filters:
-                return None
-            for handler in node.handlers:
-                if found is not None or type(handler) is not JsonLinesHandler:
-                    return None
-                if handler.filters or handler.level > logging.INFO:
-                    return None
-                if type(handler.formatter) is not JsonFormatter:  # reformatted by someone
-                    return None
-                found = handler
-            node = node.parent if node.propagate else None
-        return found
-
 
 def configure_logging(level: str) -> None:
     """JSON lines on stderr for the root logger, ours and uvicorn's; replaces their handlers."""
@@ -121,9 +65,3 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).propagate = True
     # Our access log replaces uvicorn's, which lacks the route template and cache outcome.
     logging.getLogger("uvicorn.access").disabled = True
-    # One access line per request: skip what these JSON lines never show, the switches the
-    # Logging HOWTO lists under "Optimization" (the caller's frame walk is the costly one).
-    logging._srcfile = None
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False

@@ -1,10 +1,11 @@
-"""Per-request plumbing: request id, latency metrics, access log, JSON for unexpected errors.
+"""Per-request plumbing: request id, body size limit, latency metrics, access log, JSON 500s.
 
 A plain ASGI middleware (not ``BaseHTTPMiddleware``) because it wraps every request and must
 stay cheap. It sits inside Starlette's error middleware, so it also turns an unexpected
-exception into a JSON 500 that still carries the request id. A client that hangs up while its
-body is read is no server error: it is recorded as 499 (client closed request), the nginx
-convention, and nothing is sent.
+exception into a JSON 500 that still carries the request id. A body above
+``MULTVAE_MAX_BODY_BYTES`` (declared, or counted while it streams in) is refused with a 413.
+A client that hangs up while its body is read is no server error: it is recorded as 499
+(client closed request), the nginx convention, and nothing is sent.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.logs import AccessLog
 from service.metrics import Metrics
 
-access_log = AccessLog()
+access_log = logging.getLogger("multvae.access")
 log = logging.getLogger("multvae.error")
 
 HEADER = b"x-request-id"
@@ -59,11 +60,24 @@ def _request_id(scope: Scope) -> str:
     return f"{_PREFIX}{next(_counter):016x}"
 
 
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, log_access: bool) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, log_access: bool, max_body_bytes: int
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.log_access = log_access
+        self.max_body_bytes = max_body_bytes
+        self.too_large = (
+            f"the body exceeds {max_body_bytes} bytes (MULTVAE_MAX_BODY_BYTES); send fewer items"
+        )
         # Label children by (route, method, status): a bounded set (templates x methods x
         # statuses), and ``labels()`` takes a lock and builds a tuple on every call.
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
@@ -78,9 +92,28 @@ class RequestMiddleware:
         header = (HEADER, info.request_id.encode("ascii"))
         status = 500
         started = False
+        received = 0
+        declared = _declared_length(scope)
+        gone = False  # the client hung up before its body was complete
+
+        async def limited_receive() -> Message:
+            nonlocal received, gone
+            if declared is not None and declared > self.max_body_bytes:
+                raise HTTPException(413, self.too_large)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise HTTPException(413, self.too_large)
+            elif message["type"] == "http.disconnect":
+                gone = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started
+            if gone:  # whatever the app answers to a body cut short, nobody will read it
+                status = CLIENT_CLOSED
+                return
             if message["type"] == "http.response.start":
                 status = message["status"]
                 started = True
@@ -88,7 +121,7 @@ class RequestMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, limited_receive, send_with_id)
         except ClientDisconnect:
             # Nobody is left to answer; a client's hang-up is neither an error nor a 5xx.
             status = CLIENT_CLOSED
@@ -129,7 +162,7 @@ class RequestMiddleware:
         if self.log_access:
             access_log.info(
                 "request",
-                {
+                extra={
                     "method": method,
                     "route": template,
                     "status": status,

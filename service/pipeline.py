@@ -1,7 +1,8 @@
-"""The recommend pipeline: ids -> columns -> cache -> micro-batched fold-in -> response body.
+"""The recommend pipeline: queries -> cache -> micro-batched fold-in -> recommendations.
 
 Everything a request needs lives on one :class:`Pipeline`, built in the app's lifespan. The
-model is read once per request, so a hot swap never changes the version under a request.
+served version is read once per call, so a hot swap never changes it under a request. This
+module knows nothing of HTTP: the routes turn an :class:`Answer` into a response.
 """
 
 from __future__ import annotations
@@ -9,24 +10,47 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
+from multvae.recommend import Query, Recommendation
 from service.batching import MicroBatcher
 from service.cache import GuardedCache, cache_key
-from service.errors import FieldError, NotReadyError, UnknownItemsError
+from service.errors import NotReadyError
 from service.metrics import Metrics
-from service.middleware import AccessInfo
-from service.recommender import Ranked, ServingModel
-from service.registry import ModelRegistry
-from service.schemas import RecommendRequest
+from service.registry import ModelRegistry, Served
 from service.settings import Settings
 
 
-def _shown_ids(ids: Sequence[str], limit: int = 20) -> str:
-    shown = ", ".join(repr(i) for i in ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+class UnknownItemsError(Exception):
+    """Strict mode: histories name ids the served version does not know."""
+
+    def __init__(self, version: str, unknown: list[list[str]]) -> None:
+        super().__init__(f"unknown item ids for model version {version}")
+        self.version = version
+        self.unknown = unknown  # per query, in order; empty where all ids are known
+
+
+@dataclass(frozen=True)
+class Answer:
+    """Recommendations for the queries, in order, and which of them the cache answered."""
+
+    version: str
+    recommendations: list[Recommendation]
+    cached: list[bool]
+
+
+def _to_json(rec: Recommendation) -> bytes:
+    return orjson.dumps({"items": rec.items, "unknown": rec.unknown, "fallback": rec.fallback})
+
+
+def _from_json(value: bytes) -> Recommendation | None:
+    try:
+        data = orjson.loads(value)
+        items = [(str(item), float(score)) for item, score in data["items"]]
+        return Recommendation(items, [str(u) for u in data["unknown"]], data["fallback"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None  # an entry from an incompatible writer is just a miss
 
 
 @dataclass
@@ -37,93 +61,43 @@ class Pipeline:
     cache: GuardedCache
     batcher: MicroBatcher
 
-    def model(self) -> ServingModel:
-        model = self.registry.current
-        if model is None:
+    def served(self) -> Served:
+        served = self.registry.current
+        if served is None:
             raise NotReadyError("no model is loaded yet")
-        return model
+        return served
 
-    async def recommend(
-        self,
-        requests: Sequence[RecommendRequest],
-        strict: bool,
-        prefixes: Sequence[str],
-        access: AccessInfo | None,
-    ) -> list[dict[str, Any]]:
-        """Response bodies for ``requests``, in order; misses share one forward pass."""
-        # On its way to the model until the cache has answered: a batch about to start
-        # waits for it (service.batching).
-        with self.batcher.arriving():
-            model = self.model()
-            resolved = [model.resolve(r) for r in requests]
-            unknown_count = sum(len(unknown) for _, unknown in resolved)
-            if unknown_count:
-                self.metrics.unknown_items.inc(unknown_count)
-            if strict and unknown_count:
-                raise UnknownItemsError.of(
-                    [
-                        FieldError(
-                            f"{prefix}items",
-                            f"unknown item ids {_shown_ids(unknown)} (model version "
-                            f"{model.version}); send only known ids or drop strict=true",
-                        )
-                        for prefix, (_, unknown) in zip(prefixes, resolved, strict=True)
-                        if unknown
-                    ]
-                )
-            queries = [query for query, _ in resolved]
-            prefix = self.settings.cache_prefix
-            keys = [cache_key(prefix, model.version, q) for q in queries]
-            found = await self._lookup(keys)
+    async def recommend(self, queries: Sequence[Query], strict: bool) -> Answer:
+        """Recommendations for ``queries``; cache misses share one forward pass."""
+        recommender = self.served().recommender
+        unknown = [recommender.unknown(q.items) for q in queries]
+        unknown_count = sum(len(u) for u in unknown)
+        if unknown_count:
+            self.metrics.unknown_items.inc(unknown_count)
+            if strict:
+                raise UnknownItemsError(recommender.version, unknown)
+        prefix = self.settings.cache_prefix
+        keys = [cache_key(prefix, recommender.version, q) for q in queries]
+        found = [None if v is None else _from_json(v) for v in await self._gather_get(keys)]
         misses = [i for i, hit in enumerate(found) if hit is None]
         if misses:
-            fresh = await self.batcher.submit(model, [queries[i] for i in misses])
-            for i, ranked in zip(misses, fresh, strict=True):
-                found[i] = ranked
-            await self._store([keys[i] for i in misses], fresh)
-        if access is not None:
-            access.model_version = model.version
-            access.cache = "miss" if len(misses) == len(keys) else "hit" if not misses else "mixed"
+            fresh = await self.batcher.submit(recommender, [queries[i] for i in misses])
+            for i, rec in zip(misses, fresh, strict=True):
+                found[i] = rec
+            await self._gather_set([keys[i] for i in misses], [_to_json(r) for r in fresh])
+        recommendations = [rec for rec in found if rec is not None]
+        for rec in recommendations:
+            if rec.fallback is not None:
+                self.metrics.fallbacks.labels(rec.fallback).inc()
         missed = set(misses)
-        bodies = []
-        for i, ((_, unknown), hit) in enumerate(zip(resolved, found, strict=True)):
-            assert hit is not None  # every miss was filled above
-            ranked = hit
-            if ranked.fallback is not None:
-                self.metrics.fallbacks.labels(ranked.fallback).inc()
-            bodies.append(
-                {
-                    "items": [
-                        {"item": item, "score": score}
-                        for item, score in zip(ranked.items, ranked.scores, strict=True)
-                    ],
-                    "model_version": model.version,
-                    "unknown_items": unknown,
-                    "fallback": ranked.fallback,
-                    "cached": i not in missed,
-                }
-            )
-        return bodies
+        cached = [i not in missed for i in range(len(queries))]
+        return Answer(recommender.version, recommendations, cached)
 
-    async def _lookup(self, keys: list[str]) -> list[Ranked | None]:
-        if len(keys) == 1:  # the common case, without gather's task overhead
-            raw = [await self.cache.get(keys[0])]
-        else:
-            raw = await asyncio.gather(*(self.cache.get(k) for k in keys))
-        out: list[Ranked | None] = []
-        for value in raw:
-            try:
-                out.append(None if value is None else Ranked.from_json(orjson.loads(value)))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                out.append(None)  # an entry from an incompatible writer is just a miss
-        return out
+    async def _gather_get(self, keys: list[str]) -> list[bytes | None]:
+        return list(await asyncio.gather(*(self.cache.get(k) for k in keys)))
 
-    async def _store(self, keys: list[str], ranked: list[Ranked]) -> None:
+    async def _gather_set(self, keys: list[str], values: list[bytes]) -> None:
         ttl = self.settings.cache_ttl_s
-        values = [orjson.dumps(r.to_json()) for r in ranked]
-        if len(keys) == 1:
-            await self.cache.set(keys[0], values[0], ttl)
-        else:
-            await asyncio.gather(
-                *(self.cache.set(k, v, ttl) for k, v in zip(keys, values, strict=True))
-            )
+        await asyncio.gather(
+            *(self.cache.set(k, v, ttl) for k, v in zip(keys, values, strict=True))
+        )

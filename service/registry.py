@@ -17,15 +17,17 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass
-from typing import Literal
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import torch
 
-from multvae.artifacts import current_version, load_version
+from multvae.artifacts import ModelVersion, current_version, load_version
 from multvae.errors import ArtifactError
+from multvae.recommend import Query, Recommender
 from service.metrics import Metrics
-from service.recommender import ServingModel
 from service.settings import Settings
 
 log = logging.getLogger("multvae.registry")
@@ -41,14 +43,46 @@ class ReloadResult:
     detail: str
 
 
+@dataclass(frozen=True)
+class Served:
+    """A loaded version and its recommender; swapped whole, never mutated."""
+
+    loaded: ModelVersion
+    recommender: Recommender
+    device: torch.device
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str:
+        return self.loaded.version
+
+    def describe(self) -> dict[str, Any]:
+        """What GET /model shows."""
+        return {
+            "version": self.version,
+            "n_items": self.recommender.n_items,
+            "device": str(self.device),
+            "created_at": self.loaded.created_at,
+            "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat(),
+            "architecture": dict(self.loaded.config.get("model", {})),
+            "metrics": self.loaded.metrics,
+        }
+
+
+def warm_up(recommender: Recommender) -> None:
+    """One forward pass before serving, so the first request pays no lazy initialisation."""
+    ids = list(recommender.items.ids[:10])
+    recommender.recommend_batch([Query(ids, 20), Query([], 20)])
+
+
 class ModelRegistry:
-    """Holds the served :class:`ServingModel`; all mutation happens on the event loop."""
+    """Holds the :class:`Served` version; all mutation happens on the event loop."""
 
     def __init__(self, settings: Settings, device: torch.device, metrics: Metrics) -> None:
         self.settings = settings
         self.device = device
         self.metrics = metrics
-        self.current: ServingModel | None = None
+        self.current: Served | None = None
         self.refused: dict[str, str] = {}  # version -> why, so the poller does not retry it
         self.pointer_problem: str | None = None  # why CURRENT could not be read, last time
         self._lock = asyncio.Lock()
@@ -56,25 +90,28 @@ class ModelRegistry:
         self._poller: asyncio.Task[None] | None = None
         self._sighup = False
 
-    def _load(self, version: str | None) -> ServingModel:
+    def _load(self, version: str | None) -> Served:
         """Blocking: read, verify, rebuild and warm up one version."""
         loaded = load_version(self.settings.model_dir, version, self.device)
-        model = ServingModel(loaded, self.device)
+        recommender = Recommender(loaded.model, loaded.items, loaded.version)
         if self.settings.warmup:
-            model.warm_up()
-        return model
+            warm_up(recommender)
+        return Served(loaded, recommender, self.device)
 
-    def _swap(self, model: ServingModel, trigger: Trigger) -> None:
+    def _swap(self, model: Served, trigger: Trigger) -> None:
         old = self.current
         self.current = model
-        self.metrics.set_model(model.version, str(model.device), model.n_items, model.loaded_at)
+        self.metrics.set_model(
+            model.version, str(model.device), model.recommender.n_items, model.loaded_at
+        )
         self.metrics.reloads.labels("success", trigger).inc()
         log.info(
             "serving model version %s on %s (%d items; was %s; trigger %s)",
-            model.version, model.device, model.n_items, old.version if old else None, trigger,
+            model.version, model.device, model.recommender.n_items,
+            old.version if old else None, trigger,
         )  # fmt: skip
 
-    async def load_initial(self) -> ServingModel:
+    async def load_initial(self) -> Served:
         """Load the version CURRENT names; failure here fails startup."""
         async with self._lock:
             model = await asyncio.to_thread(self._load, None)

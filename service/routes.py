@@ -1,18 +1,17 @@
-"""HTTP endpoints; each one is a thin adapter over :class:`service.pipeline.Pipeline`."""
+"""HTTP endpoints: plain FastAPI routes whose dependencies (``Annotated``) supply the settings,
+the pipeline and the API-key check, and whose bodies FastAPI and pydantic validate."""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable, Coroutine
-from typing import Annotated, Any
+from collections import Counter
+from typing import Annotated
 
-import orjson
-from fastapi import APIRouter, Depends, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic.json_schema import models_json_schema
 
-from service.bodies import check_limits, parse
+from multvae import recommend
 from service.errors import (
     AdminDisabledError,
     FieldError,
@@ -20,10 +19,9 @@ from service.errors import (
     NotReadyError,
     ReloadRefusedError,
     UnauthorizedError,
-    shown,
 )
 from service.middleware import AccessInfo
-from service.pipeline import Pipeline
+from service.pipeline import Answer, Pipeline, UnknownItemsError
 from service.schemas import (
     BatchRequest,
     BatchResponse,
@@ -32,45 +30,20 @@ from service.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
+    ScoredItem,
 )
+from service.settings import Settings
+
+API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key")
+BEARER = HTTPBearer(auto_error=False, description="the API key as a bearer token")
 
 
-class DirectRoute(APIRoute):
-    """A route whose endpoint takes the request and returns a finished response.
-
-    FastAPI's own handler resolves dependencies, validates parameters and serialises the
-    return value on every request; the recommend endpoints do all of that by hand (precise
-    4xx answers, see service.bodies), so their handler only calls them. They stay APIRoutes,
-    documented in OpenAPI through ``openapi_extra``. This is the ``get_route_handler`` hook
-    FastAPI documents for custom route classes. Dependencies would never run here, so a route
-    that declares any is refused; app-wide ones (``FastAPI(dependencies=...)``) would be
-    skipped too, and the app declares none.
-    """
-
-    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
-        super().__init__(path, endpoint, **kwargs)
-        if self.dependant.dependencies:
-            raise TypeError(
-                f"{path}: a DirectRoute endpoint authenticates and parses by hand; "
-                "its dependencies would never run"
-            )
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint: Callable[[Request], Coroutine[Any, Any, Response]] = self.endpoint
-
-        async def handle(request: Request) -> Response:
-            return await endpoint(request)
-
-        return handle
+# Dependencies are ``async def``: FastAPI runs plain ``def`` dependencies on a thread pool.
+async def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
 
 
-router = APIRouter()
-# The hot path: endpoints of signature (Request) -> Response, served by DirectRoute.
-recommend_router = APIRouter(route_class=DirectRoute)
-
-
-# Dependencies are ``async def``: FastAPI runs plain ``def`` dependencies on a thread pool,
-# two thread hops per request for what is a dictionary lookup.
 async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
@@ -78,20 +51,17 @@ async def get_pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
+ApiKey = Annotated[str | None, Security(API_KEY)]
+BearerKey = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
 
 
-def _presented_key(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
-    if key is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and token:
-            key = token.strip()
-    return key
-
-
-def _check_key(request: Request, expected: str) -> None:
-    presented = _presented_key(request)
+def check_key(settings: Settings, presented: str | None) -> None:
+    """Raise 401 unless ``presented`` is the configured key (when one is configured)."""
+    if settings.api_key is None:
+        return
+    expected = settings.api_key.get_secret_value()
     # compare_digest: the time taken must not reveal how much of the key was right.
     if presented is None or not hmac.compare_digest(presented.encode(), expected.encode()):
         raise UnauthorizedError(
@@ -101,128 +71,151 @@ def _check_key(request: Request, expected: str) -> None:
         )
 
 
-async def authorized(request: Request) -> Pipeline:
-    """The pipeline, once the API key (enforced only when MULTVAE_API_KEY is set) checks out.
-
-    Called directly by the recommend endpoints rather than through ``Depends``: FastAPI's
-    dependency solving was a quarter of a cache hit's in-process cost (cProfile).
-    """
-    pipeline = await get_pipeline(request)
-    if pipeline.settings.api_key is not None:
-        _check_key(request, pipeline.settings.api_key.get_secret_value())
-    return pipeline
+async def presented_key(request: Request) -> str | None:
+    """The key a request carries, in X-API-Key or as a bearer token."""
+    key = await API_KEY(request)
+    if key is None:
+        bearer = await BEARER(request)
+        key = bearer.credentials if bearer is not None else None
+    return key
 
 
-async def require_admin(request: Request, pipeline: PipelineDep) -> None:
+async def require_key(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
+    """The API key, enforced only when MULTVAE_API_KEY is set."""
+    check_key(settings, key if key is not None else bearer.credentials if bearer else None)
+
+
+async def require_admin(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
     """Admin endpoints never run unauthenticated: without a key they are off."""
-    if pipeline.settings.api_key is None:
+    if settings.api_key is None:
         raise AdminDisabledError("admin endpoints are disabled: set MULTVAE_API_KEY to enable them")
-    _check_key(request, pipeline.settings.api_key.get_secret_value())
+    check_key(settings, key if key is not None else bearer.credentials if bearer else None)
 
 
-# The spellings pydantic accepts for a boolean query parameter, which this one used to be.
-_TRUE = frozenset({"true", "t", "1", "yes", "y", "on"})
-_FALSE = frozenset({"false", "f", "0", "no", "n", "off"})
-STRICT_PARAMETER = {
-    "name": "strict",
-    "in": "query",
-    "required": False,
-    "schema": {"type": "boolean"},
-    "description": "reject unknown history ids with a 422 (default: MULTVAE_STRICT)",
-}
+Strict = Annotated[
+    bool | None,
+    Query(description="reject unknown history ids with a 422 (default: MULTVAE_STRICT)"),
+]
 
-
-def _strict(request: Request, default: bool) -> bool:
-    """The ``strict`` query parameter, read by hand for the same reason as :func:`authorized`."""
-    if not request.scope.get("query_string"):
-        return default
-    value = request.query_params.get("strict")
-    if value is None:
-        return default
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise InvalidRequestError.of(
-        [FieldError("query.strict", f"expected true or false, got {shown(value)}")]
-    )
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, type[ErrorBody]]] = {
     code: {"model": ErrorBody} for code in (400, 401, 413, 415, 422, 503)
 }
 
-
-def _json(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
-
-
-def _access(request: Request) -> AccessInfo | None:
-    return getattr(request.state, "access", None)
+router = APIRouter()
+# The recommend endpoints need the API key (when configured); app.py checks it before any
+# body error too, so an unauthenticated client learns nothing about what a valid body is.
+recommend_router = APIRouter(dependencies=[Depends(require_key)], responses=ERRORS)
 
 
-COMPONENTS = "#/components/schemas/{model}"
-# The request models, in the form OpenAPI's components take them (references between them
-# point into the components, not into a schema's own $defs).
-REQUEST_SCHEMAS: dict[str, Any] = models_json_schema(
-    [(RecommendRequest, "validation"), (BatchRequest, "validation")], ref_template=COMPONENTS
-)[1]["$defs"]
+def check_limits(
+    request: RecommendRequest, settings: Settings, prefix: str = ""
+) -> list[FieldError]:
+    """Configured bounds and duplicate ids; an empty list when the request is acceptable."""
+    errors: list[FieldError] = []
+    if request.n > settings.max_n:
+        message = f"must be <= {settings.max_n} (MULTVAE_MAX_N), got {request.n}"
+        errors.append(FieldError(f"{prefix}n", message))
+    for name, limit, variable in (
+        ("items", settings.max_history, "MULTVAE_MAX_HISTORY"),
+        ("exclude", settings.max_exclude, "MULTVAE_MAX_EXCLUDE"),
+    ):
+        got = len(getattr(request, name))
+        if got > limit:
+            message = f"at most {limit} item ids are accepted ({variable}), got {got}"
+            errors.append(FieldError(f"{prefix}{name}", message))
+    # A history is a set of clicks; a repeated id usually means the client sends events or
+    # counts where the model expects distinct items, so say so instead of guessing.
+    repeated = [item for item, count in Counter(request.items).items() if count > 1]
+    if repeated:
+        shown = ", ".join(repr(i) for i in repeated[:10])
+        more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
+        errors.append(
+            FieldError(
+                f"{prefix}items",
+                f"duplicate item ids {shown}{more}; send each clicked item once "
+                '(5 and "5" are the same id)',
+            )
+        )
+    return errors
 
 
-def _request_body(model: type[RecommendRequest] | type[BatchRequest]) -> dict[str, Any]:
-    # The body and the query are parsed by hand (service.bodies gives precise 4xx answers, and
-    # skipping dependency solving halves FastAPI's share of a hit), so describe them here;
-    # service.app adds REQUEST_SCHEMAS to the document's components.
-    return {
-        "parameters": [STRICT_PARAMETER],
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": COMPONENTS.format(model=model.__name__)}}
-            },
-        },
-    }
+def _shown_ids(ids: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
-@recommend_router.post(
-    "/recommend",
-    responses={200: {"model": RecommendResponse}, **ERRORS},
-    openapi_extra=_request_body(RecommendRequest),
-)
-async def recommend(request: Request) -> Response:
-    """Top-n items for one click history, history and exclude never returned."""
-    pipeline = await authorized(request)
-    settings = pipeline.settings
-    strict_mode = _strict(request, settings.strict)
-    body = await parse(request, RecommendRequest, settings)
-    errors = check_limits(body, settings)
-    if errors:
-        raise InvalidRequestError.of(errors)
-    results = await pipeline.recommend([body], strict_mode, [""], _access(request))
-    return _json(results[0])
-
-
-@recommend_router.post(
-    "/recommend/batch",
-    responses={200: {"model": BatchResponse}, **ERRORS},
-    openapi_extra=_request_body(BatchRequest),
-)
-async def recommend_batch(request: Request) -> Response:
-    """Many histories in one forward pass, answered in order."""
-    pipeline = await authorized(request)
-    settings = pipeline.settings
-    strict_mode = _strict(request, settings.strict)
-    body = await parse(request, BatchRequest, settings)
-    if len(body.requests) > settings.max_batch_requests:
+async def _answer(
+    request: Request,
+    pipeline: Pipeline,
+    bodies: list[RecommendRequest],
+    strict: bool | None,
+    prefixes: list[str],
+) -> Answer:
+    queries = [recommend.Query(b.items, b.n, b.exclude) for b in bodies]
+    try:
+        answer = await pipeline.recommend(
+            queries, pipeline.settings.strict if strict is None else strict
+        )
+    except UnknownItemsError as exc:
         raise InvalidRequestError.of(
             [
                 FieldError(
-                    "requests",
-                    f"at most {settings.max_batch_requests} requests per batch "
-                    f"(MULTVAE_MAX_BATCH_REQUESTS), got {len(body.requests)}",
+                    f"{prefix}items",
+                    f"unknown item ids {_shown_ids(unknown)} (model version {exc.version}); "
+                    "send only known ids or drop strict=true",
                 )
+                for prefix, unknown in zip(prefixes, exc.unknown, strict=True)
+                if unknown
             ]
+        ) from None
+    access: AccessInfo | None = getattr(request.state, "access", None)
+    if access is not None:
+        access.model_version = answer.version
+        hits = sum(answer.cached)
+        access.cache = "hit" if hits == len(queries) else "miss" if not hits else "mixed"
+    return answer
+
+
+def _response(answer: Answer, i: int) -> RecommendResponse:
+    rec = answer.recommendations[i]
+    return RecommendResponse(
+        items=[ScoredItem(item=item, score=score) for item, score in rec.items],
+        model_version=answer.version,
+        unknown_items=rec.unknown,
+        fallback=rec.fallback,
+        cached=answer.cached[i],
+    )
+
+
+@recommend_router.post("/recommend")
+async def recommend_one(
+    body: RecommendRequest,
+    request: Request,
+    pipeline: PipelineDep,
+    strict: Strict = None,
+) -> RecommendResponse:
+    """Top-n items for one click history, history and exclude never returned."""
+    errors = check_limits(body, pipeline.settings)
+    if errors:
+        raise InvalidRequestError.of(errors)
+    return _response(await _answer(request, pipeline, [body], strict, [""]), 0)
+
+
+@recommend_router.post("/recommend/batch")
+async def recommend_batch(
+    body: BatchRequest,
+    request: Request,
+    pipeline: PipelineDep,
+    strict: Strict = None,
+) -> BatchResponse:
+    """Many histories in one forward pass, answered in order."""
+    settings = pipeline.settings
+    if len(body.requests) > settings.max_batch_requests:
+        message = (
+            f"at most {settings.max_batch_requests} requests per batch "
+            f"(MULTVAE_MAX_BATCH_REQUESTS), got {len(body.requests)}"
         )
+        raise InvalidRequestError.of([FieldError("requests", message)])
     prefixes = [f"requests[{i}]." for i in range(len(body.requests))]
     errors = [
         error
@@ -231,8 +224,8 @@ async def recommend_batch(request: Request) -> Response:
     ]
     if errors:
         raise InvalidRequestError.of(errors)
-    results = await pipeline.recommend(body.requests, strict_mode, prefixes, _access(request))
-    return _json({"results": results})
+    answer = await _answer(request, pipeline, body.requests, strict, prefixes)
+    return BatchResponse(results=[_response(answer, i) for i in range(len(body.requests))])
 
 
 @router.get("/healthz")
@@ -242,18 +235,17 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
-async def readyz(request: Request) -> dict[str, str]:
+async def readyz(pipeline: PipelineDep) -> dict[str, str]:
     """A model is loaded and inference works; the cache's state does not decide readiness."""
-    pipeline = await get_pipeline(request)
     if pipeline.batcher.broken is not None:
         raise NotReadyError(pipeline.batcher.broken)
-    return {"status": "ready", "model_version": pipeline.model().version}
+    return {"status": "ready", "model_version": pipeline.served().version}
 
 
-@router.get("/model", response_model=ModelInfo, responses={503: {"model": ErrorBody}})
-async def model_info(pipeline: PipelineDep) -> Response:
+@router.get("/model", responses={503: {"model": ErrorBody}})
+async def model_info(pipeline: PipelineDep) -> ModelInfo:
     """The served model version, its size, device and offline metrics."""
-    return _json(pipeline.model().describe())
+    return ModelInfo(**pipeline.served().describe())
 
 
 @router.get("/metrics")
@@ -266,12 +258,12 @@ async def metrics(request: Request) -> Response:
 @router.post(
     "/admin/reload",
     dependencies=[Depends(require_admin)],
-    responses={200: {"model": ReloadResponse}, 409: {"model": ErrorBody}},
+    responses={409: {"model": ErrorBody}},
 )
-async def admin_reload(pipeline: PipelineDep) -> Response:
+async def admin_reload(pipeline: PipelineDep) -> ReloadResponse:
     """Load the version CURRENT names now; 409 when it is refused (the old one keeps serving)."""
     result = await pipeline.registry.reload("admin")
     if result.outcome == "refused":
         what = f"version {result.requested}" if result.requested is not None else "CURRENT"
         raise ReloadRefusedError(f"{what} refused, still serving {result.version}: {result.detail}")
-    return _json({"outcome": result.outcome, "version": result.version, "detail": result.detail})
+    return ReloadResponse(outcome=result.outcome, version=result.version, detail=result.detail)

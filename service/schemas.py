@@ -5,7 +5,7 @@ decimal string (``5`` and ``"5"`` are the same item). Floats, booleans, null, ar
 objects are rejected with the position of the offending id.
 
 Limits that depend on settings (max ``n``, history length) are checked by
-:func:`service.bodies.check_limits`, because a pydantic model is fixed at import time.
+:func:`service.routes.check_limits`, because a pydantic model is fixed at import time.
 """
 
 from __future__ import annotations

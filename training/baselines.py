@@ -34,7 +34,7 @@ import torch
 from numpy.typing import NDArray
 
 from multvae.errors import DataError
-from multvae.ranking import mask_and_topk
+from multvae.ranking import topk_rows
 from training.dataset import HeldOut, Split
 from training.evaluate import TOP_K, Evaluation, evaluate_topk
 
@@ -94,17 +94,12 @@ def rank_topk(
     score: Scorer, fold_in: sp.csr_matrix, k: int = TOP_K, batch_size: int = 1000
 ) -> NDArray[np.int64]:
     """(B, k) ranked columns per fold-in row with the row's own clicks masked."""
-    fold_in = sp.csr_matrix(fold_in, dtype=np.float64)
-    out = []
-    for start in range(0, fold_in.shape[0], batch_size):
-        block = fold_in[start : start + batch_size]
-        scores = torch.from_numpy(np.array(score(block), dtype=np.float64))  # (B, I), own copy
-        masked = [
-            block.indices[block.indptr[i] : block.indptr[i + 1]] for i in range(block.shape[0])
-        ]
-        cols, _ = mask_and_topk(scores, [m.astype(np.int64) for m in masked], k)
-        out.append(cols)
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+
+    def scores(block: sp.csr_matrix) -> torch.Tensor:
+        dense = score(sp.csr_matrix(block, dtype=np.float64))
+        return torch.from_numpy(np.array(dense, dtype=np.float64))  # (B, I), own copy
+
+    return topk_rows(scores, fold_in, k, batch_size=batch_size)[0]
 
 
 def evaluate_scorer(score: Scorer, heldout: HeldOut) -> Evaluation:

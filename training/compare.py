@@ -29,7 +29,8 @@ from numpy.typing import NDArray
 
 from multvae.artifacts import MANIFEST, VERSIONS, ModelVersion, load_version
 from multvae.errors import DataError
-from multvae.recommend import Scorer
+from multvae.ranking import topk_rows
+from multvae.recommend import block_scorer
 from training.dataset import HeldOut
 from training.evaluate import (
     HELDOUT_FILE,
@@ -176,20 +177,17 @@ def _rank_common(
     to_common[cols_in_model] = np.arange(len(common_ids))
     unknown_to_other = np.setdiff1d(np.arange(len(version.items)), cols_in_model)
     k = min(TOP_K, len(common_ids))
-    scorer = Scorer(version.model)  # one for every batch: it probes its kernel once
-    out = []
     fold = held.fold_in
-    for start in range(0, fold.shape[0], batch_size):
-        stop = min(start + batch_size, fold.shape[0])
-        histories = [
-            cols_in_model[fold.indices[fold.indptr[u] : fold.indptr[u + 1]]]
-            for u in range(start, stop)
-        ]
-        ranked, scores = scorer.topk(histories, k, [unknown_to_other] * len(histories))
-        common = to_common[ranked]
-        common[~np.isfinite(scores)] = len(common_ids)  # masked: fewer than k items to rank
-        out.append(common)
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+    in_model = sp.csr_matrix(
+        (fold.data, cols_in_model[fold.indices], fold.indptr),
+        shape=(fold.shape[0], len(to_common) - 1),
+    )
+    ranked, scores = topk_rows(
+        block_scorer(version.model), in_model, k, exclude=unknown_to_other, batch_size=batch_size
+    )
+    common = to_common[ranked]
+    common[~np.isfinite(scores)] = len(common_ids)  # masked: fewer than k items to rank
+    return common
 
 
 def compare_versions(

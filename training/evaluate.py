@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 from multvae.errors import DataError
 from multvae.model import MultVAE
 from multvae.ranking import per_user_metrics, standard_error, summarise
-from multvae.recommend import topk_rows
+from multvae.recommend import rank_rows
 from training.dataset import HeldOut
 
 TOP_K = 100  # the largest cut-off any paper metric needs
@@ -76,7 +76,7 @@ def evaluate_topk(topk: NDArray[np.int64], heldout: HeldOut) -> Evaluation:
 
 def evaluate_model(model: MultVAE, heldout: HeldOut) -> Evaluation:
     """Fold the held-out users in through the serving code path and score them."""
-    return evaluate_topk(topk_rows(model, heldout.fold_in, TOP_K), heldout)
+    return evaluate_topk(rank_rows(model, heldout.fold_in, TOP_K), heldout)
 
 
 def mean_se(mean: float, se: float | None) -> str:

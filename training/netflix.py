@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from multvae.errors import DataError, MalformedLineError
 from training.dataset import Interactions
-from training.readers import field_check, int_codes, numbered_lines, present_ids
+from training.lines import field_check, int_codes, numbered_lines, present_ids
 
 _NETFLIX_HEADER = re.compile(rb"^\s*(\d+):\s*$")
 _NETFLIX_BATCH = 1 << 27  # join per-movie files into ~128 MB buffers: one parser call each

@@ -9,9 +9,8 @@ dictionary-encoded so that MSD's 48M rows never become 48M Python strings.
 from __future__ import annotations
 
 import csv
-import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ from numpy.typing import NDArray
 from multvae.errors import DataError, MalformedLineError
 from training.catalog import ALIASES, FORMATS
 from training.dataset import Interactions
+from training.lines import LineCheck, field_check, int_codes, numbered_lines, present_ids
+from training.netflix import read_netflix
 
 USER_COLUMNS = ("userId", "user_id", "user", "userID", "UserId")
 ITEM_COLUMNS = ("itemId", "item_id", "movieId", "movie_id", "item", "song", "song_id", "itemID")
@@ -33,7 +34,6 @@ RATING_COLUMNS = ("rating",)  # a count column must be named explicitly: it is n
 _STR_DICT = pa.dictionary(pa.int32(), pa.string())
 
 # A line checker returns None for a good line, else what the line should have looked like.
-LineCheck = Callable[[str], str | None]
 
 
 def read_interactions(
@@ -58,8 +58,6 @@ def read_interactions(
     if fmt not in FORMATS:
         raise DataError(f"unknown format {fmt!r}; accepted: auto, {', '.join(FORMATS)}")
     if fmt == "netflix":
-        from training.netflix import read_netflix  # late: netflix imports this module
-
         return read_netflix(path)
     if path.is_dir():
         raise DataError(f"{path} is a directory; format {fmt!r} reads one file")
@@ -172,33 +170,6 @@ def _arrow_csv(
     return table
 
 
-def field_check(sep: str, n_fields: int, kinds: dict[int, str], quoted: bool = False) -> LineCheck:
-    """A checker for ``n_fields`` ``sep``-separated fields whose ``kinds`` are int/float/str."""
-    layout = f"{n_fields} fields separated by {sep!r}"
-
-    def check(line: str) -> str | None:
-        fields = next(csv.reader([line], delimiter=sep)) if quoted else line.split(sep)
-        if len(fields) != n_fields:
-            return layout
-        for i, field in enumerate(fields):
-            kind = kinds.get(i, "str")
-            if not field.strip():
-                return f"{layout}, field {i + 1} not empty"
-            if kind != "str" and not _parses(field, kind):
-                return f"{layout}, field {i + 1} a number ({kind})"
-        return None
-
-    return check
-
-
-def _parses(text: str, kind: str) -> bool:
-    try:
-        number = int(text) if kind == "int" else float(text)
-    except ValueError:
-        return False
-    return math.isfinite(number)
-
-
 def locate_bad_line(path: Path, check: LineCheck, skip: int, cause: str) -> DataError:
     """The error for the first line ``check`` rejects (the parser only said *that* it failed)."""
     for lineno, line in numbered_lines(path):
@@ -208,12 +179,6 @@ def locate_bad_line(path: Path, check: LineCheck, skip: int, cause: str) -> Data
         if expected is not None:
             return MalformedLineError(path, lineno, expected, line)
     return DataError(f"{path}: could not be parsed: {cause}")
-
-
-def numbered_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            yield lineno, raw.decode(encoding, "replace").rstrip("\r\n")
 
 
 # ---- tables with a header: ratings.csv, generic csv/tsv, parquet ------------------------------
@@ -349,18 +314,9 @@ def encode_ids(col: pa.ChunkedArray, sort: bool) -> tuple[NDArray[np.int32], NDA
 _CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]{0,17}")
 
 
-def int_codes(ids: NDArray[np.integer], sort: bool) -> tuple[NDArray[np.int32], NDArray[np.int64]]:
-    codes, uniques = pd.factorize(ids, sort=sort)
-    return codes.astype(np.int32), np.asarray(uniques, dtype=np.int64)
-
-
 # ---- titles (optional sibling files) ---------------------------------------------------------
 
 _ML1M_LINE = re.compile(r"^(\d+)::(.*)::[^:]*$")
-
-
-def present_ids(ids: NDArray[Any]) -> set[str]:
-    return {str(i) for i in ids.tolist()}
 
 
 def _titles_100k(path: Path, ids: NDArray[Any]) -> dict[str, str]:

@@ -45,7 +45,7 @@ from multvae.artifacts import (
 )
 from multvae.device import resolve_device
 from multvae.errors import MultVAEError
-from training.cli import (
+from training.arguments import (
     CONFIG_FLAGS,
     EXIT_FAILED,
     EXIT_KEPT,

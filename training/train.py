@@ -33,7 +33,7 @@ from multvae.device import resolve_device
 from multvae.errors import TrainingError
 from multvae.model import Likelihood, ModelConfig, ModelKind, MultVAE, SparseRows
 from multvae.ranking import ndcg_at_k
-from multvae.recommend import topk_rows
+from multvae.recommend import rank_rows
 from training.dataset import HeldOut, Split
 
 AnnealCap = float | Literal["auto", "auto-single"]
@@ -188,7 +188,7 @@ def _batches(x: sp.csr_matrix, batch: int, rng: np.random.Generator) -> list[np.
 def validation_ndcg(model: MultVAE, heldout: HeldOut) -> float:
     """Mean NDCG@100 of the validation users (fold-in masked), via the serving fold-in path."""
     model.eval()
-    return float(ndcg_at_k(topk_rows(model, heldout.fold_in, 100), heldout.targets, 100).mean())
+    return float(ndcg_at_k(rank_rows(model, heldout.fold_in, 100), heldout.targets, 100).mean())
 
 
 def _run(

@@ -171,8 +171,8 @@ def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> Non
     after = http.post("/recommend", json={"items": ["5001"]}, headers=KEY).json()
     assert after["model_version"] == new_version
 
-    # Each response leaves in one write (service.transport); over a raw socket, keep-alive
-    # responses must still arrive whole and in order, and a Connection: close one before EOF.
+    # Over a raw socket, keep-alive responses arrive whole and in order, and a
+    # Connection: close one before EOF.
     with socket.create_connection(("127.0.0.1", served.port), timeout=30) as raw:
         body = b'{"items": ["5001"], "n": 3}'
         request = (
@@ -205,8 +205,7 @@ def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> Non
 def test_uvicorn_factory_reads_the_environment(model_dir: Path, tmp_path: Path) -> None:
     port = _free_port()
     argv = [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-            "--port", str(port), "--log-level", "warning",
-            "--http", "service.transport:HttpProtocol"]  # the README's command  # fmt: skip
+            "--port", str(port), "--log-level", "warning"]  # the README's command  # fmt: skip
     env = {"MULTVAE_MODEL_DIR": str(model_dir), "MULTVAE_DEVICE": "auto",
            "MULTVAE_MAX_N": "3"}  # fmt: skip
     server = Server(argv, env, tmp_path / "uvicorn.log", port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -66,3 +67,47 @@ def test_help_imports_neither_torch_nor_the_web_stack(argv: list[str]) -> None:
     loaded = {m.split(".")[0] for m in out.stderr.split()}
     assert {"multvae_cli", "training", "service"} <= loaded  # every parser was built
     assert not loaded & HEAVY
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its file (late imports too)."""
+    root = Path(__file__).resolve().parents[2]
+    modules = {
+        ".".join(path.relative_to(root).with_suffix("").parts): path
+        for package in ("multvae", "multvae_cli", "training", "service")
+        for path in (root / package).glob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            found |= {t for t in targets if t in modules and t != name}
+        graph[name] = found
+    return graph
+
+
+def test_no_import_cycles_in_the_project() -> None:
+    graph = _project_imports()
+    assert "training.netflix" in graph["training.readers"]  # the scan sees late imports too
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph[module]):
+            if state.get(target) == 1:
+                cycles.append([*path[path.index(target) :], target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from multvae.ranking import mask_and_topk, ndcg_at_k, recall_at_k, summarise
+from multvae.ranking import mask_and_topk, ndcg_at_k, recall_at_k, summarise, topk_rows
 
 
 def _targets(rows: list[list[int]], n_items: int = 10) -> sp.csr_matrix:
@@ -52,6 +52,25 @@ def test_mask_and_topk_never_returns_masked_items() -> None:
     cols, vals = mask_and_topk(scores, [np.array([9, 8]), np.array([], dtype=np.int64)], 3)
     assert cols.tolist() == [[7, 6, 5], [9, 8, 7]]
     assert vals.tolist() == [[7, 6, 5], [9, 8, 7]]
+
+
+def test_mask_and_topk_ranks_only_allowed_columns_where_given() -> None:
+    scores = torch.arange(10, dtype=torch.float32).repeat(2, 1)
+    allowed = [np.array([1, 4, 9]), None]
+    cols, vals = mask_and_topk(scores, [np.array([9]), np.array([], dtype=np.int64)], 3, allowed)
+    assert cols[0][:2].tolist() == [4, 1]
+    assert vals[0][2] == -np.inf  # only two allowed columns were left: the caller drops it
+    assert cols[1].tolist() == [9, 8, 7]
+
+
+def test_topk_rows_masks_each_rows_clicks_and_the_shared_exclude_in_batches() -> None:
+    fold_in = sp.csr_matrix(([1.0, 1.0, 1.0], ([0, 1, 2], [9, 8, 0])), shape=(3, 10))
+
+    def score(block: sp.csr_matrix) -> torch.Tensor:
+        return torch.arange(10, dtype=torch.float32).repeat(block.shape[0], 1)
+
+    cols, _ = topk_rows(score, fold_in, 2, exclude=np.array([7]), batch_size=2)
+    assert cols.tolist() == [[8, 6], [9, 6], [9, 8]]
 
 
 def test_summary_mean_and_standard_error() -> None:

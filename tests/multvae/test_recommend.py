@@ -1,125 +1,120 @@
-"""The shared fold-in path: masking, cold start, batching equals single calls."""
+"""The shared fold-in path: ids in, (item, score) out; masking, candidates, cold start,
+batching equals single calls and the offline ranking."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import scipy.sparse as sp
 import torch
 
-from multvae import recommend
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE, SparseRows
-from multvae.recommend import Recommender, Scorer, topk_rows
+from multvae.recommend import Query, Recommender, rank_rows
+
+N_ITEMS = 50
 
 
-def _recommender(n_items: int = 50) -> Recommender:
+def _id(column: int) -> str:
+    return f"i{column}"  # never equal to the column, so a leaked column shows
+
+
+def _ids(columns: list[int]) -> list[str]:
+    return [_id(c) for c in columns]
+
+
+def _recommender() -> Recommender:
     torch.manual_seed(0)
-    model = MultVAE(ModelConfig.default("multvae", n_items))
-    pop = np.zeros(n_items, dtype=np.int64)
+    model = MultVAE(ModelConfig.default("multvae", N_ITEMS))
+    pop = np.zeros(N_ITEMS, dtype=np.int64)
     pop[[7, 3, 11]] = [30, 20, 10]
-    return Recommender(model, ItemIndex.build(range(n_items), pop))
+    return Recommender(model, ItemIndex.build(_ids(list(range(N_ITEMS))), pop), "v1")
+
+
+def _reference(model: MultVAE, columns: list[int]) -> torch.Tensor:
+    x = torch.zeros(1, N_ITEMS)
+    x[0, columns] = 1.0
+    with torch.no_grad():
+        mu, _ = model.encode(SparseRows.from_csr(sp.csr_matrix(x.numpy())))
+        return model.decode(mu)[0]
 
 
 def test_history_and_exclude_are_never_returned() -> None:
     rec = _recommender()
-    history, exclude = np.array([1, 2, 3]), np.array([4, 5])
-    out = rec.recommend(history, 50, exclude)
-    assert not set(out.columns) & {1, 2, 3, 4, 5}
-    assert len(out.columns) == 45  # every other item, no -inf padding
-    assert np.all(np.diff(out.scores) <= 0)
+    out = rec.recommend(_ids([1, 2, 3]), 50, _ids([4, 5]))
+    returned = [item for item, _ in out.items]
+    assert not set(returned) & set(_ids([1, 2, 3, 4, 5]))
+    assert len(returned) == 45  # every other item, no -inf padding
+    assert np.all(np.diff([score for _, score in out.items]) <= 0)
     assert out.fallback is None
+    assert out.unknown == []
 
 
 def test_scores_are_decoder_logits_at_the_mean() -> None:
     rec = _recommender()
-    history = np.array([4, 9, 9])  # a repeated click counts once
-    out = rec.recommend(history, 5)
-    x = torch.zeros(1, 50)
-    x[0, [4, 9]] = 1.0
-    mu, _ = rec.model.encode(SparseRows.from_csr(sp.csr_matrix(x.numpy())))
-    logits = rec.model.decode(mu)[0].detach()
+    out = rec.recommend(_ids([4, 9, 9]), 5)  # a repeated click counts once
+    logits = _reference(rec.model, [4, 9])
     logits[[4, 9]] = -torch.inf
-    np.testing.assert_allclose(out.scores, torch.topk(logits, 5).values.numpy(), rtol=1e-6)
+    top = torch.topk(logits, 5)
+    assert [item for item, _ in out.items] == _ids(top.indices.tolist())
+    np.testing.assert_allclose([s for _, s in out.items], top.values.numpy(), rtol=1e-6)
+
+
+def test_unknown_history_ids_are_reported_and_ignored() -> None:
+    rec = _recommender()
+    out = rec.recommend(["nope", _id(4), "never"], 5)
+    assert out.unknown == ["nope", "never"]
+    assert out.items == rec.recommend([_id(4)], 5).items
+    assert rec.unknown(["nope", _id(4)]) == ["nope"]
+
+
+def test_candidates_limit_the_ranking_to_a_set() -> None:
+    rec = _recommender()
+    candidates = [*_ids([0, 1, 2, 30, 31]), "not-an-item"]
+    out = rec.recommend(_ids([1, 9]), 10, _ids([30]), candidates=candidates)
+    logits = _reference(rec.model, [1, 9])
+    expected = sorted([0, 2, 31], key=lambda c: -float(logits[c]))  # 1 clicked, 30 excluded
+    assert [item for item, _ in out.items] == _ids(expected)
 
 
 def test_empty_history_falls_back_to_popularity() -> None:
     rec = _recommender()
-    out = rec.recommend(np.array([], dtype=np.int64), 2, np.array([7]))
+    out = rec.recommend([], 2, [_id(7)])
     assert out.fallback == "popularity"
-    assert out.columns.tolist() == [3, 11]
-    assert out.scores.tolist() == [20.0, 10.0]
+    assert out.items == [(_id(3), 20.0), (_id(11), 10.0)]
+    within = rec.recommend(["unknown"], 5, candidates=_ids([11, 40, 7]))
+    assert [item for item, _ in within.items] == _ids([7, 11, 40])
+    assert within.unknown == ["unknown"]
 
 
-def test_batch_equals_single_calls_and_offline_topk() -> None:
+def test_batch_equals_single_calls_and_offline_ranking() -> None:
     rec = _recommender()
-    histories = [np.array([1, 2]), np.array([], dtype=np.int64), np.array([10, 20, 30])]
-    excludes = [np.array([5]), np.array([], dtype=np.int64), np.array([], dtype=np.int64)]
-    batch = rec.recommend_batch(histories, [5, 3, 7], excludes)
-    for h, n, e, got in zip(histories, [5, 3, 7], excludes, batch, strict=True):
-        single = rec.recommend(h, n, e)
-        np.testing.assert_array_equal(got.columns, single.columns)
-        np.testing.assert_allclose(got.scores, single.scores, rtol=1e-6)
+    queries = [
+        Query(_ids([1, 2]), 5, _ids([5])),
+        Query([], 3),
+        Query(_ids([10, 20, 30]), 7),
+        Query(_ids([10, 20, 30]), 4, candidates=_ids(list(range(0, 50, 2)))),
+    ]
+    batch = rec.recommend_batch(queries)
+    for query, got in zip(queries, batch, strict=True):
+        single = rec.recommend(query.items, query.n, query.exclude, query.candidates)
+        assert [i for i, _ in got.items] == [i for i, _ in single.items]
+        np.testing.assert_allclose([s for _, s in got.items], [s for _, s in single.items], 1e-6)
     fold_in = sp.csr_matrix((np.ones(5), ([0, 0, 1, 1, 1], [1, 2, 10, 20, 30])), shape=(2, 50))
-    offline = topk_rows(rec.model, fold_in, 7)
-    np.testing.assert_array_equal(offline[1], batch[2].columns)
-    np.testing.assert_array_equal(offline[0][:5], rec.recommend(np.array([1, 2]), 5).columns)
+    offline = rank_rows(rec.model, fold_in, 7)
+    assert _ids(offline[1].tolist()) == [i for i, _ in batch[2].items]
+    assert _ids(offline[0][:5].tolist()) == [i for i, _ in rec.recommend(_ids([1, 2]), 5).items]
 
 
-def _reference(model: MultVAE, x: SparseRows) -> torch.Tensor:
-    with torch.no_grad():
-        return model.decode(model.encode(x)[0])
-
-
-def _random_rows(batch: int, n_items: int, seed: int) -> SparseRows:
-    rng = np.random.default_rng(seed)
-    dense = (rng.random((batch, n_items)) < 0.02).astype(np.float32)
-    dense[:, 0] = 1.0  # no empty row
-    return SparseRows.from_csr(sp.csr_matrix(dense))
-
-
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-def test_scorer_runs_the_output_layer_through_onednn_and_matches_f_linear() -> None:
-    torch.manual_seed(0)
-    model = MultVAE(ModelConfig.default("multvae", 3000)).eval()  # [3000 -> 600 -> 200 -> ...]
-    scorer = Scorer(model)
-    assert scorer.onednn
-    for batch in (1, 7, 64):
-        x = _random_rows(batch, 3000, batch)
-        torch.testing.assert_close(scorer.scores(x), _reference(model, x), rtol=1e-5, atol=1e-5)
-
-
-def test_scorer_sees_weights_changed_in_place() -> None:
+def test_ranking_sees_weights_changed_in_place() -> None:
     # Training evaluates between optimiser steps, which update the weights in place: no
-    # kernel may serve a stale copy of them.
-    torch.manual_seed(0)
-    model = MultVAE(ModelConfig.default("multvae", 300)).eval()
-    x = _random_rows(4, 300, 1)
-    scorer = Scorer(model)
-    assert scorer.onednn == torch.backends.mkldnn.is_available()  # the kernel under test
-    old = scorer.scores(x).clone()
+    # copy of them may be served stale.
+    rec = _recommender()
+    fold_in = sp.csr_matrix((np.ones(2), ([0, 0], [1, 2])), shape=(1, N_ITEMS))
     with torch.no_grad():
-        model.output_layer.weight.mul_(-1.0)
-        model.output_layer.bias.mul_(-1.0)
-    torch.testing.assert_close(scorer.scores(x), -old, rtol=1e-5, atol=1e-5)
-    fold_in = sp.csr_matrix((np.ones(2), ([0, 0], [1, 2])), shape=(1, 300))
-    ranked = topk_rows(model, fold_in, 5)[0]
-    history = SparseRows.from_csr(fold_in)
-    expected = _reference(model, history)[0]
+        rec.model.output_layer.weight.mul_(-1.0)
+        rec.model.output_layer.bias.mul_(-1.0)
+    expected = _reference(rec.model, [1, 2])
     expected[[1, 2]] = -torch.inf
-    np.testing.assert_array_equal(ranked, torch.topk(expected, 5).indices.numpy())
-
-
-def test_scorer_falls_back_to_the_plain_layer_when_onednn_fails(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    def broken(*_: object) -> torch.Tensor:
-        raise RuntimeError("no oneDNN kernel for this CPU")
-
-    monkeypatch.setattr(recommend, "_onednn_linear", broken)
-    torch.manual_seed(0)
-    model = MultVAE(ModelConfig.default("multvae", 300)).eval()
-    scorer = Scorer(model)
-    assert not scorer.onednn
-    x = _random_rows(3, 300, 2)
-    torch.testing.assert_close(scorer.scores(x), _reference(model, x))
+    top = torch.topk(expected, 5).indices.tolist()
+    assert rank_rows(rec.model, fold_in, 5)[0].tolist() == top
+    assert [i for i, _ in rec.recommend(_ids([1, 2]), 5).items] == _ids(top)

@@ -295,22 +295,22 @@ def test_overload_is_a_fast_503_with_retry_after(trained: Trained) -> None:
     started, release = threading.Event(), threading.Event()
     with TestClient(create_app(settings)) as client, ThreadPoolExecutor(2) as pool:
         pipeline = client.app.state.pipeline  # type: ignore[attr-defined]
-        model = pipeline.registry.current
-        original = model.rank
+        model = pipeline.registry.current.recommender
+        original = model.recommend_batch
 
         def blocking_rank(queries: Any) -> Any:
             started.set()
             assert release.wait(30)
             return original(queries)
 
-        model.rank = blocking_rank
+        model.recommend_batch = blocking_rank
         try:
             # One request in the (blocked) forward pass, one waiting: the queue is full.
             in_pass = pool.submit(client.post, "/recommend", json={"items": [IDS[1]]})
             assert started.wait(30)
             queued = pool.submit(client.post, "/recommend", json={"items": [IDS[2]]})
             deadline = time.monotonic() + 30
-            while pipeline.batcher._pending_rows < 1:
+            while pipeline.batcher.pending_rows < 1:
                 assert time.monotonic() < deadline, "the second request never queued"
                 time.sleep(0.01)
             refused = client.post("/recommend", json={"items": [IDS[3]]})

@@ -8,13 +8,12 @@ import socket
 import uuid
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import pytest
 from service_support import RedisServer, free_port
 
+from multvae.recommend import Query
 from service.cache import Cache, CacheError, GuardedCache, MemoryCache, RedisCache, cache_key
 from service.metrics import Metrics
-from service.recommender import Query
 
 pytestmark = pytest.mark.anyio
 
@@ -167,8 +166,15 @@ async def test_guard_counts_failures_and_opens_a_circuit() -> None:
     assert sample("multvae_cache_errors_total", {"operation": "get"}) == 1
 
 
-def _query(history: list[int], n: int, exclude: list[int]) -> Query:
-    return Query(np.array(history, dtype=np.int64), n, np.array(exclude, dtype=np.int64))
+def _query(
+    history: list[int], n: int, exclude: list[int], candidates: list[int] | None = None
+) -> Query:
+    return Query(
+        [str(i) for i in history],
+        n,
+        [str(i) for i in exclude],
+        None if candidates is None else [str(i) for i in candidates],
+    )
 
 
 def test_cache_key_ignores_order_and_separates_everything_else() -> None:
@@ -182,5 +188,10 @@ def test_cache_key_ignores_order_and_separates_everything_else() -> None:
         cache_key("p", "v1", _query([1, 2, 3], 10, [5])),  # another exclude
         cache_key("p", "v1", _query([1, 2], 10, [3, 5, 7])),  # a column moved across
         cache_key("p", "v1", _query([], 10, [1, 2, 3, 5, 7])),
+        cache_key("p", "v1", _query([1, 2, 3], 10, [5, 7], [])),  # no candidate at all
+        cache_key("p", "v1", _query([1, 2, 3], 10, [5, 7], [8, 9])),  # only among 8 and 9
     ]
     assert len({base, *different}) == 1 + len(different)
+    assert cache_key("p", "v1", _query([1], 5, [], [9, 8])) == cache_key(
+        "p", "v1", _query([1], 5, [], [8, 9, 9])
+    )

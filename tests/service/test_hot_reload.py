@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -85,8 +84,8 @@ def test_flipping_current_under_load_loses_no_request(trained: Trained, model_di
         assert versions[:switch] == [trained.version] * switch
         assert set(versions[switch:]) == {new_version}
     # ...and what it serves is the new model's fold-in.
-    expected = Recommender(new_model.eval(), trained.items).recommend(np.array([3, 4]), 10)
-    assert [r["item"] for r in after["items"]] == [IDS[c] for c in expected.columns]
+    expected = Recommender(new_model.eval(), trained.items).recommend([IDS[3], IDS[4]], 10)
+    assert [r["item"] for r in after["items"]] == [item for item, _ in expected.items]
 
 
 def _corrupt_and_point_current(model_dir: Path, trained: Trained) -> str:
@@ -141,15 +140,15 @@ def test_in_flight_requests_finish_on_the_old_model(trained: Trained, model_dir:
     settings = make_settings(model_dir, api_key="k", batch_wait_ms=0)
     started, release = threading.Event(), threading.Event()
     with TestClient(create_app(settings)) as client, ThreadPoolExecutor(1) as pool:
-        old = client.app.state.pipeline.registry.current  # type: ignore[attr-defined]
-        original = old.rank
+        old = client.app.state.pipeline.registry.current.recommender  # type: ignore[attr-defined]
+        original = old.recommend_batch
 
         def slow_rank(queries: Any) -> Any:
             started.set()
             assert release.wait(30)
             return original(queries)
 
-        old.rank = slow_rank
+        old.recommend_batch = slow_rank
         in_flight = pool.submit(client.post, "/recommend", json={"items": [IDS[7]]}, headers=KEY)
         assert started.wait(30)
         new_version = write_version(model_dir, trained.model, trained.items, {})

@@ -50,3 +50,65 @@ def test_imports_stay_light_and_never_reach_training() -> None:
     assert not after_cli & heavy  # they wait for `multvae serve`
     assert {"fastapi", "redis", "prometheus_client"} <= after_app  # the checkpoint works
     assert "training" not in after_app
+
+
+# The service's domain: what a request does, independent of how it arrived.
+DOMAIN = ("batching", "cache", "errors", "metrics", "pipeline", "registry", "settings")
+WEB = {"fastapi", "starlette", "uvicorn", "httptools", "h11"}
+HTTP_MODULES = {"service.app", "service.routes", "service.middleware", "service.schemas"}
+
+
+def test_domain_modules_import_nothing_from_the_http_layer() -> None:
+    offenders = {}
+    for name in DOMAIN:
+        imported = _imported_modules(SERVICE_DIR / f"{name}.py")
+        bad = {m for m in imported if m.split(".")[0] in WEB or m in HTTP_MODULES}
+        if bad:
+            offenders[name] = sorted(bad)
+    assert offenders == {}
+
+
+THIRD_PARTY = {"torch", "uvicorn", "starlette", "fastapi", "logging", "pydantic", "redis"}
+ROOT = SERVICE_DIR.parent
+
+
+def _dotted(node: ast.AST) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return ".".join([node.id, *reversed(parts)])
+    return None
+
+
+def _private(dotted: str) -> bool:
+    return any(p.startswith("_") and not p.endswith("__") for p in dotted.split(".")[1:])
+
+
+def test_nothing_reaches_into_another_projects_private_parts() -> None:
+    # Private modules and attributes (`_`-prefixed, `uvicorn.protocols.*`) of the stack we
+    # build on change without notice: only public API, pinned by version range.
+    files = [
+        f
+        for d in ("multvae", "training", "service", "bench", "tests")
+        for f in (ROOT / d).rglob("*.py")
+    ]
+    assert len(files) > 40
+    offences = []
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.Attribute):
+                dotted = _dotted(node)
+                names = [dotted] if dotted else []
+            for name in names:
+                root = name.split(".")[0]
+                if root in THIRD_PARTY and (_private(name) or name.startswith("uvicorn.protocols")):
+                    offences.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert sorted(set(offences)) == []

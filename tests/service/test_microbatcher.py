@@ -1,4 +1,4 @@
-"""The micro-batcher on a fake model: grouping, bounds, order, errors, threads."""
+"""The micro-batcher on a gated fake model and a fake clock: grouping, bounds, order, errors."""
 
 from __future__ import annotations
 
@@ -7,15 +7,16 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pytest
 
+from multvae.recommend import Query, Recommendation
 from service.batching import MAX_RESTARTS, MicroBatcher
 from service.errors import NotReadyError, OverloadedError
 from service.metrics import Metrics
-from service.recommender import Query, Ranked
 
 pytestmark = pytest.mark.anyio
+
+HOUR = 3600.0  # a window no test may wait out: it would time out instead
 
 
 @pytest.fixture
@@ -25,7 +26,8 @@ def anyio_backend() -> str:
 
 class FakeModel:
     """Echoes each query's n back as its only item; records every pass. With a ``gate``, a
-    pass blocks (in the worker thread) until the gate is set."""
+    pass blocks (in the worker thread) until the gate is set, and ``running`` is set while a
+    pass waits at it."""
 
     def __init__(
         self, name: str = "m", fail: bool = False, gate: threading.Event | None = None
@@ -33,43 +35,151 @@ class FakeModel:
         self.name = name
         self.fail = fail
         self.gate = gate
+        self.running = threading.Event()
         self.passes: list[int] = []
         self.threads: set[int] = set()
 
-    def rank(self, queries: Sequence[Query]) -> list[Ranked]:
+    def recommend_batch(self, queries: Sequence[Query]) -> list[Recommendation]:
+        self.running.set()
         if self.gate is not None:
             assert self.gate.wait(30)
         self.threads.add(threading.get_ident())
         self.passes.append(len(queries))
         if self.fail:
             raise RuntimeError("forward pass exploded")
-        return [Ranked([f"{self.name}{q.n}"], [float(q.n)], None) for q in queries]
+        return [Recommendation([(f"{self.name}{q.n}", float(q.n))]) for q in queries]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def _q(n: int) -> Query:
-    return Query(np.array([1], dtype=np.int64), n, np.zeros(0, dtype=np.int64))
+    return Query(["1"], n)
+
+
+def _items(ranked: list[Recommendation]) -> list[str]:
+    return [r.items[0][0] for r in ranked]
 
 
 async def _run(batcher: MicroBatcher, jobs: list[tuple[Any, list[int]]]) -> list[list[str]]:
     batcher.start()
     try:
-        results = await asyncio.gather(
-            *(batcher.submit(model, [_q(n) for n in ns]) for model, ns in jobs)
+        results = await asyncio.wait_for(
+            asyncio.gather(*(batcher.submit(model, [_q(n) for n in ns]) for model, ns in jobs)),
+            timeout=30,
         )
-        return [[r.items[0] for r in ranked] for ranked in results]
+        return [_items(ranked) for ranked in results]
     finally:
         await batcher.stop()
 
 
+async def _until(condition: Any) -> None:
+    """Yield to the loop until ``condition()`` holds (bounded: a hang fails, not blocks)."""
+    async with asyncio.timeout(30):
+        while not condition():
+            await asyncio.sleep(0)
+
+
+async def _started(model: FakeModel) -> None:
+    """Until the model's gated pass is running in the worker thread."""
+    assert await asyncio.to_thread(model.running.wait, 30)
+
+
 async def test_concurrent_requests_share_one_pass_and_keep_their_results() -> None:
     model, metrics = FakeModel(), Metrics()
-    # A long wait, but the batch is full at 10 rows, so it starts at once.
-    batcher = MicroBatcher(metrics, max_batch=10, wait_s=10.0)
+    batcher = MicroBatcher(metrics, max_batch=10, wait_s=HOUR)
     results = await _run(batcher, [(model, [i]) for i in range(10)])
-    assert model.passes == [10]
+    assert model.passes == [10]  # all queued before the consumer ran: none waited
     assert results == [[f"m{i}"] for i in range(10)]
     assert metrics.registry.get_sample_value("multvae_batch_size_sum") == 10
     assert metrics.registry.get_sample_value("multvae_inference_seconds_count") == 1
+
+
+async def test_what_queued_during_a_pass_goes_together_without_waiting() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = MicroBatcher(Metrics(), max_batch=3, wait_s=HOUR)
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.submit(model, [_q(0)]))
+        second = asyncio.ensure_future(batcher.submit(model, [_q(1)]))  # company: goes at once
+        await _started(model)
+        queued = [asyncio.ensure_future(batcher.submit(model, [_q(i)])) for i in range(2, 7)]
+        await _until(lambda: batcher.pending_rows == 5)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(first, second, *queued), 30)
+    finally:
+        gate.set()
+        await batcher.stop()
+    # Never the hour-long window: after the pass, 5 waited; 3 went, then the 2 left together.
+    assert model.passes == [2, 3, 2]
+    assert [_items(r)[0] for r in results] == [f"m{i}" for i in range(7)]
+
+
+async def test_a_lone_request_waits_for_company_within_the_window() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=HOUR)
+    batcher.start()
+    try:
+        alone = asyncio.ensure_future(batcher.submit(model, [_q(1)]))
+        await _until(lambda: batcher.pending_rows == 1)
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not alone.done()
+        assert model.passes == []
+        company = await asyncio.wait_for(batcher.submit(model, [_q(2)]), 30)
+        assert _items(await alone) == ["m1"]
+    finally:
+        await batcher.stop()
+    assert _items(company) == ["m2"]
+    assert model.passes == [2]
+
+
+async def test_a_lone_request_goes_when_the_window_closes() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=0.001)
+    ranked = await _run(batcher, [(model, [1])])
+    assert ranked == [["m1"]]
+    assert model.passes == [1]
+
+
+async def test_wait_zero_never_waits_for_company() -> None:
+    model = FakeModel()
+    batcher = MicroBatcher(Metrics(), max_batch=64, wait_s=0.0)
+    batcher.start()
+    try:
+        for i in range(3):  # one at a time: each goes alone, at once
+            assert _items(await asyncio.wait_for(batcher.submit(model, [_q(i)]), 30)) == [f"m{i}"]
+    finally:
+        await batcher.stop()
+    assert model.passes == [1, 1, 1]
+
+
+async def test_the_queueing_time_is_measured_on_the_clock() -> None:
+    gate, clock, metrics = threading.Event(), FakeClock(), Metrics()
+    model = FakeModel(gate=gate)
+    batcher = MicroBatcher(metrics, max_batch=2, wait_s=HOUR, clock=clock)
+    batcher.start()
+    try:
+        running = asyncio.gather(batcher.submit(model, [_q(0)]), batcher.submit(model, [_q(1)]))
+        await _started(model)
+        clock.now += 1.0
+        queued = asyncio.gather(batcher.submit(model, [_q(2)]), batcher.submit(model, [_q(3)]))
+        await _until(lambda: batcher.pending_rows == 2)
+        clock.now += 0.25  # the running pass ends a quarter of a second later
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(running, queued), 30)
+    finally:
+        gate.set()
+        await batcher.stop()
+    registry = metrics.registry
+    assert registry.get_sample_value("multvae_batch_wait_seconds_count") == 4
+    assert registry.get_sample_value("multvae_batch_wait_seconds_sum") == pytest.approx(0.5)
 
 
 async def test_batches_never_exceed_max_batch() -> None:
@@ -79,15 +189,6 @@ async def test_batches_never_exceed_max_batch() -> None:
     assert sum(model.passes) == 25
     assert max(model.passes) <= 10
     assert results == [[f"m{i}"] for i in range(25)]
-
-
-async def test_wait_zero_turns_grouping_off() -> None:
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=64, wait_s=0.0)
-    assert not batcher.enabled
-    results = await _run(batcher, [(model, [i]) for i in range(6)])
-    assert model.passes == [1] * 6
-    assert results == [[f"m{i}"] for i in range(6)]
 
 
 async def test_a_group_larger_than_max_batch_is_one_pass() -> None:
@@ -100,7 +201,7 @@ async def test_a_group_larger_than_max_batch_is_one_pass() -> None:
 
 async def test_two_model_versions_in_one_batch_get_one_pass_each() -> None:
     old, new = FakeModel("old"), FakeModel("new")
-    batcher = MicroBatcher(Metrics(), max_batch=4, wait_s=10.0)
+    batcher = MicroBatcher(Metrics(), max_batch=4, wait_s=HOUR)
     results = await _run(batcher, [(old, [1]), (new, [2]), (old, [3]), (new, [4])])
     assert (old.passes, new.passes) == ([2], [2])
     assert results == [["old1"], ["new2"], ["old3"], ["new4"]]
@@ -108,14 +209,13 @@ async def test_two_model_versions_in_one_batch_get_one_pass_each() -> None:
 
 async def test_inference_runs_off_the_event_loop_thread() -> None:
     model = FakeModel()
-    for wait in (0.0, 0.001):
-        await _run(MicroBatcher(Metrics(), max_batch=8, wait_s=wait), [(model, [1])])
+    await _run(MicroBatcher(Metrics(), max_batch=8, wait_s=0.0), [(model, [1])])
     assert threading.get_ident() not in model.threads
 
 
 async def test_a_failed_pass_fails_its_requests_and_the_batcher_goes_on() -> None:
     bad, good = FakeModel("bad", fail=True), FakeModel("good")
-    batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=10.0)
+    batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=HOUR)
     batcher.start()
     try:
         failed = await asyncio.gather(
@@ -123,180 +223,73 @@ async def test_a_failed_pass_fails_its_requests_and_the_batcher_goes_on() -> Non
         )
         assert [str(e) for e in failed] == ["forward pass exploded"] * 2
         ok = await asyncio.gather(batcher.submit(good, [_q(3)]), batcher.submit(good, [_q(4)]))
-        assert [r[0].items for r in ok] == [["good3"], ["good4"]]
+        assert [_items(r) for r in ok] == [["good3"], ["good4"]]
     finally:
         await batcher.stop()
-
-
-async def test_a_lone_request_does_not_wait_for_company() -> None:
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
-    batcher.start()
-    try:
-        # Nobody else is on the way, so the hour-long window is never used.
-        ranked = await asyncio.wait_for(batcher.submit(model, [_q(1)]), timeout=30)
-    finally:
-        await batcher.stop()
-    assert ranked[0].items == ["m1"]
-    assert model.passes == [1]
-
-
-async def test_a_batch_waits_for_requests_on_their_way() -> None:
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
-    batcher.start()
-
-    async def another_request() -> list[Ranked]:
-        with batcher.arriving():  # parsing, looking up the cache
-            await asyncio.sleep(0.05)
-        return await batcher.submit(model, [_q(2)])
-
-    try:
-        other = asyncio.ensure_future(another_request())
-        await asyncio.sleep(0)  # it is on its way now
-        first = asyncio.ensure_future(batcher.submit(model, [_q(1)]))
-        results = await asyncio.wait_for(asyncio.gather(first, other), timeout=30)
-    finally:
-        await batcher.stop()
-    assert [r[0].items for r in results] == [["m1"], ["m2"]]
-    assert model.passes == [2]  # the first waited for the second, not for the window
-
-
-async def test_after_a_shared_pass_a_lone_request_waits_for_the_others() -> None:
-    # Clients answered together tend to come back together: the next batch waits for them
-    # even when none is visibly on its way yet.
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=3600.0)
-    batcher.start()
-    try:
-        await asyncio.gather(batcher.submit(model, [_q(1)]), batcher.submit(model, [_q(2)]))
-        first = asyncio.ensure_future(batcher.submit(model, [_q(3)]))
-        await asyncio.sleep(0.05)
-        assert not first.done()  # waiting, with nobody arriving
-        second = await asyncio.wait_for(batcher.submit(model, [_q(4)]), timeout=30)
-        await asyncio.wait_for(first, timeout=30)
-    finally:
-        await batcher.stop()
-    assert second[0].items == ["m4"]
-    assert model.passes == [2, 2]
-
-
-async def test_once_the_answered_clients_are_back_the_batch_goes() -> None:
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=64, wait_s=3600.0)
-    batcher.start()
-    try:
-        for round_ in range(3):  # the same three clients, again and again
-            await asyncio.wait_for(
-                asyncio.gather(*(batcher.submit(model, [_q(round_ * 3 + i)]) for i in range(3))),
-                timeout=30,
-            )  # never the hour-long window: all three are back
-    finally:
-        await batcher.stop()
-    assert model.passes == [3, 3, 3]
-
-
-async def test_leaving_arriving_by_an_exception_still_counts() -> None:
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=64, wait_s=3600.0)
-    batcher.start()
-    try:
-        with pytest.raises(RuntimeError), batcher.arriving():
-            raise RuntimeError("a strict-mode 422, a cache error, a cancelled request")
-        ranked = await asyncio.wait_for(batcher.submit(model, [_q(1)]), timeout=30)
-    finally:
-        await batcher.stop()
-    assert ranked[0].items == ["m1"]
-
-
-async def test_requests_queued_during_a_pass_wait_for_the_clients_it_answered() -> None:
-    # Without this, concurrent clients settle into alternating half-size passes.
-    release = threading.Event()
-    model = FakeModel(gate=release)
-    batcher = MicroBatcher(Metrics(), max_batch=2, wait_s=0.5)
-    batcher.start()
-    try:
-        answered = asyncio.gather(batcher.submit(model, [_q(1)]), batcher.submit(model, [_q(2)]))
-        await asyncio.sleep(0.05)  # that pass is running now
-        queued = asyncio.ensure_future(batcher.submit(model, [_q(3)]))
-        await asyncio.sleep(0.6)  # longer than wait_s: its own window has run out
-        release.set()
-        await asyncio.wait_for(answered, timeout=30)
-        back = await asyncio.wait_for(batcher.submit(model, [_q(4)]), timeout=30)  # a client
-        await asyncio.wait_for(queued, timeout=30)
-    finally:
-        release.set()
-        await batcher.stop()
-    assert back[0].items == ["m4"]
-    assert model.passes == [2, 2]
 
 
 async def test_stop_fails_waiting_requests() -> None:
-    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0)
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=HOUR)
     batcher.start()
-    with batcher.arriving():  # another request on its way keeps the batch waiting
-        waiting = asyncio.ensure_future(batcher.submit(FakeModel(), [_q(1)]))
-        await asyncio.sleep(0)  # let it enqueue
-        await batcher.stop()
+    waiting = asyncio.ensure_future(batcher.submit(FakeModel(), [_q(1)]))  # alone: it waits
+    await _until(lambda: batcher.pending_rows == 1)
+    await batcher.stop()
     with pytest.raises(NotReadyError, match="shutting down"):
         await waiting
 
 
 async def test_a_full_queue_refuses_at_once_instead_of_growing() -> None:
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0, max_pending=3)
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = MicroBatcher(Metrics(), max_batch=5, wait_s=HOUR, max_pending=3)
     batcher.start()
     try:
-        with batcher.arriving():  # the queue waits for more, so it can fill up
-            # Alone in the queue, a request larger than the cap still goes (slow, not refused).
-            big = asyncio.ensure_future(batcher.submit(model, [_q(i) for i in range(5)]))
-            await asyncio.sleep(0)
-            with pytest.raises(OverloadedError) as refused:
-                await batcher.submit(model, [_q(9)])
-            assert "MULTVAE_MAX_PENDING=3" in refused.value.detail
-            assert "retry" in refused.value.detail
-            assert refused.value.status == 503
-            assert refused.value.headers == {"Retry-After": "1"}
-            assert not big.done()
-            await batcher.stop()
+        running = asyncio.gather(batcher.submit(model, [_q(0)]), batcher.submit(model, [_q(0)]))
+        await _started(model)
+        # Alone in the queue, a request larger than the cap still goes (slow, not refused).
+        big = asyncio.ensure_future(batcher.submit(model, [_q(i) for i in range(5)]))
+        await _until(lambda: batcher.pending_rows == 5)
+        with pytest.raises(OverloadedError) as refused:
+            await batcher.submit(model, [_q(9)])
+        assert "MULTVAE_MAX_PENDING=3" in refused.value.detail
+        assert "retry" in refused.value.detail
+        assert refused.value.status == 503
+        assert refused.value.headers == {"Retry-After": "1"}
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(running, big), 30)
     finally:
+        gate.set()
         await batcher.stop()
-    with pytest.raises(NotReadyError, match="shutting down"):
-        await big
-    assert model.passes == []
+    assert model.passes == [2, 5]
 
 
-async def test_the_cap_counts_rows_and_also_holds_without_grouping() -> None:
-    model = FakeModel()
-    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=60.0, max_pending=3)
+async def test_the_cap_counts_rows() -> None:
+    gate = threading.Event()
+    model = FakeModel(gate=gate)
+    batcher = MicroBatcher(Metrics(), max_batch=100, wait_s=HOUR, max_pending=3)
     batcher.start()
     try:
-        with batcher.arriving():  # the queue waits for more, so it can fill up
-            waiting = [asyncio.ensure_future(batcher.submit(model, [_q(1), _q(2)]))]
-            await asyncio.sleep(0)
-            waiting.append(asyncio.ensure_future(batcher.submit(model, [_q(3)])))  # 3 rows: fit
-            await asyncio.sleep(0)
-            with pytest.raises(OverloadedError):
-                await batcher.submit(model, [_q(4)])
-            await batcher.stop()
-    finally:
-        await batcher.stop()
-    await asyncio.gather(*waiting, return_exceptions=True)
-
-    release = threading.Event()
-    blocked = FakeModel(gate=release)
-    direct = MicroBatcher(Metrics(), max_batch=100, wait_s=0.0, max_pending=1)
-    try:
-        first = asyncio.ensure_future(direct.submit(blocked, [_q(1)]))
-        await asyncio.sleep(0)
+        running = asyncio.gather(batcher.submit(model, [_q(0)]), batcher.submit(model, [_q(0)]))
+        await _started(model)
+        waiting = [asyncio.ensure_future(batcher.submit(model, [_q(1), _q(2)]))]
+        waiting.append(asyncio.ensure_future(batcher.submit(model, [_q(3)])))  # 3 rows: fit
+        await _until(lambda: batcher.pending_rows == 3)
         with pytest.raises(OverloadedError):
-            await direct.submit(blocked, [_q(2)])
-        release.set()
-        assert (await first)[0].items == ["m1"]
-        assert (await direct.submit(blocked, [_q(3)]))[0].items == ["m3"]  # room again
+            await batcher.submit(model, [_q(4)])
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(running, *waiting), 30)
+        again = [
+            batcher.submit(model, [_q(5)]),
+            batcher.submit(
+                model,
+                [_q(6)],
+            ),
+        ]
+        room = await asyncio.wait_for(asyncio.gather(*again), 30)  # room again
+        assert [_items(r) for r in room] == [["m5"], ["m6"]]
     finally:
-        release.set()
-        await direct.stop()
+        gate.set()
+        await batcher.stop()
 
 
 class _Flaky:
@@ -316,7 +309,7 @@ async def test_a_dead_consumer_fails_its_waiters_and_is_restarted(
 ) -> None:
     model, metrics = FakeModel(), Metrics()
     metrics.batch_wait = _Flaky(failures=1)  # type: ignore[assignment]
-    batcher = MicroBatcher(metrics, max_batch=2, wait_s=10.0)
+    batcher = MicroBatcher(metrics, max_batch=2, wait_s=HOUR)
     batcher.start()
     try:
         # Without the done-callback these would wait forever; wait_for turns that into a failure.
@@ -332,7 +325,7 @@ async def test_a_dead_consumer_fails_its_waiters_and_is_restarted(
         ok = await asyncio.wait_for(
             asyncio.gather(batcher.submit(model, [_q(3)]), batcher.submit(model, [_q(4)])), 30
         )
-        assert [r[0].items for r in ok] == [["m3"], ["m4"]]
+        assert [_items(r) for r in ok] == [["m3"], ["m4"]]
     finally:
         await batcher.stop()
     died = [r for r in caplog.records if r.name == "multvae.batching" and "died" in r.message]
@@ -343,7 +336,7 @@ async def test_a_dead_consumer_fails_its_waiters_and_is_restarted(
 async def test_a_consumer_that_keeps_dying_stays_down_and_requests_fail_fast() -> None:
     model, metrics = FakeModel(), Metrics()
     metrics.batch_wait = _Flaky(failures=1000)  # type: ignore[assignment]
-    batcher = MicroBatcher(metrics, max_batch=1, wait_s=10.0)
+    batcher = MicroBatcher(metrics, max_batch=1, wait_s=HOUR)
     batcher.start()
     try:
         for i in range(MAX_RESTARTS):

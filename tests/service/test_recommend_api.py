@@ -8,14 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fastapi import APIRouter, Depends, Request, Response
 from fastapi.testclient import TestClient
 from service_support import BLOCK, IDS, Trained, cluster_of, make_settings, metric_value
 
-from multvae.recommend import EMPTY, topk_rows
+from multvae.recommend import rank_rows
 from service.app import create_app
-from service.routes import DirectRoute
-from service.schemas import RecommendRequest
 
 
 def _ids(columns: Any) -> list[str]:
@@ -32,7 +29,7 @@ def _post(client: TestClient, items: list[Any], **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("batch_wait_ms", [0, 2])
 def test_response_equals_offline_fold_in(trained: Trained, batch_wait_ms: float) -> None:
     fold_in = trained.split.validation.fold_in
-    offline = topk_rows(trained.model, fold_in, 20)  # the path `multvae evaluate` ranks with
+    offline = rank_rows(trained.model, fold_in, 20)  # the path `multvae evaluate` ranks with
     recommender = trained.recommender()
     settings = make_settings(trained.model_dir, batch_wait_ms=batch_wait_ms)
     with TestClient(create_app(settings)) as client:
@@ -40,7 +37,7 @@ def test_response_equals_offline_fold_in(trained: Trained, batch_wait_ms: float)
             history = fold_in.indices[fold_in.indptr[u] : fold_in.indptr[u + 1]]
             body = _post(client, _ids(history), n=20)
             assert [r["item"] for r in body["items"]] == _ids(offline[u])
-            expected = recommender.recommend(history.astype(np.int64), 20).scores
+            expected = [score for _, score in recommender.recommend(_ids(history), 20).items]
             np.testing.assert_allclose([r["score"] for r in body["items"]], expected, rtol=1e-6)
             assert body["fallback"] is None
             assert body["model_version"] == trained.version
@@ -100,8 +97,7 @@ def test_strict_mode_rejects_unknown_ids_with_the_list(client: TestClient) -> No
     assert "'zz9'" in body["detail"]
     assert "'zz8'" in body["detail"]
     assert "strict" in body["detail"]
-    # Refused on its way to the model: it no longer counts as coming (a batch would wait).
-    assert client.app.state.pipeline.batcher._arriving == 0  # type: ignore[attr-defined]
+    assert client.app.state.pipeline.batcher.pending_rows == 0  # type: ignore[attr-defined]
     # Unknown ids in exclude can never be returned anyway; strict does not reject them.
     ok = client.post("/recommend?strict=true", json={"items": [IDS[0]], "exclude": ["zz9"]})
     assert ok.status_code == 200
@@ -193,19 +189,13 @@ def test_access_log_line(client: TestClient, caplog: pytest.LogCaptureFixture) -
     assert first["latency_ms"] > 0
 
 
-def test_the_service_shares_the_core_empty_array(client: TestClient) -> None:
-    model = client.app.state.pipeline.registry.current  # type: ignore[attr-defined]
-    query, _ = model.resolve(RecommendRequest(items=[IDS[0]]))
-    assert query.exclude is EMPTY  # one empty-column constant: multvae.recommend's
-
-
-def test_openapi_documents_the_hand_parsed_endpoints(client: TestClient) -> None:
-    # The recommend endpoints read their body and query themselves (DirectRoute): the schema
-    # must still tell clients what to send and what comes back.
+def test_openapi_documents_the_endpoints(client: TestClient) -> None:
+    # FastAPI documents what it validates: what to send, what comes back, the API key.
     spec = client.get("/openapi.json").json()
     for path, body in (("/recommend", "RecommendRequest"), ("/recommend/batch", "BatchRequest")):
         operation = spec["paths"][path]["post"]
         assert [p["name"] for p in operation["parameters"]] == ["strict"]
+        assert {next(iter(s)) for s in operation["security"]} == {"APIKeyHeader", "HTTPBearer"}
         ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         assert ref == f"#/components/schemas/{body}"
         assert spec["components"]["schemas"][body]["additionalProperties"] is False
@@ -228,14 +218,3 @@ def test_openapi_documents_the_hand_parsed_endpoints(client: TestClient) -> None
     for ref in refs(spec):  # every reference resolves inside the document
         assert ref.startswith("#/components/schemas/"), ref
         assert ref.rsplit("/", 1)[1] in schemas, ref
-
-
-def test_a_direct_route_refuses_dependencies_it_would_skip() -> None:
-    async def check() -> None: ...
-
-    async def endpoint(request: Request) -> Response:
-        return Response(b"")
-
-    router = APIRouter(route_class=DirectRoute, dependencies=[Depends(check)])
-    with pytest.raises(TypeError, match="dependencies would never run"):
-        router.add_api_route("/x", endpoint, methods=["POST"])

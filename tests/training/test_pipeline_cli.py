@@ -159,11 +159,30 @@ def test_count_column_keeps_every_play_and_tiny_groups_do_not_break_metrics(
     path = tmp_path / "plays.csv"
     path.write_text("\n".join(rows) + "\n")
     models = tmp_path / "m"
-    code = main([
-        "train", "--data", str(path), "--user-col", "user", "--item-col", "song",
-        "--count-col", "plays", "--heldout-users", "1", "--epochs", "2", "--latent-dim", "8",
-        "--out", str(models), "--quiet", "--device", "cpu",
-    ])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(path),
+            "--user-col",
+            "user",
+            "--item-col",
+            "song",
+            "--count-col",
+            "plays",
+            "--heldout-users",
+            "1",
+            "--epochs",
+            "2",
+            "--latent-dim",
+            "8",
+            "--out",
+            str(models),
+            "--quiet",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     capsys.readouterr()
     version = load_version(models)
@@ -180,3 +199,25 @@ def test_paper_preset_accepts_an_explicit_epoch_count() -> None:
     config = train_config_for(DataSpec("x", preset="ml-20m"), epochs=3)
     assert (config.epochs, config.batch_size, config.total_anneal_steps) == (3, 500, 200_000)
     assert train_config_for(DataSpec("x", preset="msd")).epochs == 100
+
+
+def test_recommend_command_ranks_ids_like_the_core_recommender(
+    trained: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multvae.recommend import Recommender
+
+    _, models = trained
+    version = load_version(models)
+    history = list(version.items.ids[:3])
+    candidates = list(version.items.ids[3:40])
+    argv = ["recommend", str(models), ",".join([*history, "no-such-item"]), "-n", "5",
+            "--candidates", ",".join(candidates), "--device", "cpu", "--json"]  # fmt: skip
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    expected = Recommender(version.model, version.items).recommend(history, 5, (), candidates)
+    assert [r["item"] for r in out["items"]] == [item for item, _ in expected.items]
+    assert set(out["items"][0]) == {"item", "score"}
+    assert out["unknown_items"] == ["no-such-item"]
+    assert out["model_version"] == version.version
+    assert main(["recommend", str(models), "", "--device", "cpu"]) == 0  # cold start
+    assert "popularity" in capsys.readouterr().err

@@ -1,0 +1,532 @@
+"""Open-loop HTTP benchmark of ``multvae serve`` on an ML-20M-shaped model.
+
+    python bench/serve_open_loop.py                          # the whole matrix
+    python bench/serve_open_loop.py --workers 1 --modes miss --step-s 3
+    python bench/serve_open_loop.py --source /tmp/old-tree --workers 1   # another checkout
+
+Requests are sent at a fixed arrival rate, whatever the server answers (an open loop: a slow
+response never delays the next request, and latency counts from the request's scheduled time,
+so queueing shows). The load generator is one process pinned with ``taskset`` to the last CPU
+and every server to the other CPUs, when the machine has at least two. For each server:
+
+* capacity: the highest arrival rate whose p99 stays under ``--p99-ms`` (50 ms) with no
+  failed request, found by raising the rate by ``--growth`` until it fails, then bisecting;
+* p50/p99, server CPU per request (``/proc``: user + system of the server and its worker
+  processes; Redis is not counted) and the mean forward-pass size, at 50 % and 80 % of it.
+
+Servers: ``multvae serve`` with 1 and 2 workers sharing a private ``redis-server`` (cache-miss
+load: every history unique; cache-hit load: a warmed pool of 256 histories), and a trivial
+FastAPI endpoint under plain uvicorn (reads the body, returns a constant) at the hit rates: the
+HTTP reference. In the same run, the same model's in-process batched fold-in
+(``Recommender.recommend_batch``) is timed at the mean pass size seen at 80 % of the miss
+capacity, in CPU seconds per history with the server's torch threads, pinned like the server.
+
+Histories are 10..100 item ids (strings) drawn uniformly, n = 20; the model has the paper's
+ML-20M architecture [20108 -> 600 -> 200 -> 600 -> 20108] with random weights (latency does
+not depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+N_ITEMS = 20_108
+HOST = "127.0.0.1"
+POOL = 256  # distinct histories of a cache-hit run
+
+
+# -- the trivial reference app (plain uvicorn: uvicorn serve_open_loop:trivial_app --factory) --
+
+
+def trivial_app() -> Any:
+    from fastapi import FastAPI, Request, Response
+
+    app = FastAPI()
+    constant = b'{"items":[],"ok":true}'
+
+    async def recommend(request: Request) -> Response:
+        await request.body()
+        return Response(constant, media_type="application/json")
+
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready"}
+
+    recommend.__annotations__ = {"request": Request, "return": Response}
+    readyz.__annotations__ = {"return": dict}
+    app.add_api_route("/recommend", recommend, methods=["POST"])
+    app.add_api_route("/readyz", readyz, methods=["GET"])
+    return app
+
+
+# -- the load generator (its own process) --------------------------------------------------------
+
+
+def _bodies(mode: str, count: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    ids = [b'"%d"' % i for i in range(N_ITEMS)]
+
+    def body() -> bytes:
+        history = rng.sample(ids, rng.randint(10, 100))
+        return b'{"items":[' + b",".join(history) + b'],"n":20}'
+
+    return [body() for _ in range(POOL if mode == "hit" else count)]
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> int:
+    writer.write(
+        b"POST /recommend HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    status = int((await reader.readline()).split(b" ", 2)[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return status
+
+
+async def _open_loop(
+    port: int, rate: float, duration: float, bodies: list[bytes]
+) -> dict[str, Any]:
+    """Send ``rate`` requests a second for ``duration`` seconds on keep-alive connections
+    (a new one whenever none is idle); latency from each request's scheduled time."""
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    latencies: list[float] = []
+    failures = 0
+    tasks: set[asyncio.Task[None]] = set()
+    opened = 0
+
+    async def one(body: bytes, scheduled: float) -> None:
+        nonlocal failures, opened
+        try:
+            if idle:
+                conn = idle.pop()
+            else:
+                conn = await asyncio.open_connection(HOST, port)
+                opened += 1
+            status = await _exchange(*conn, body)
+            idle.append(conn)
+        except OSError:
+            status = 0
+        latencies.append(time.perf_counter() - scheduled)
+        failures += status != 200
+
+    count = int(rate * duration)
+    start = time.perf_counter() + 0.05
+    for i in range(count):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(bodies[i % len(bodies)], scheduled))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    late = max(0.0, time.perf_counter() - (start + (count - 1) / rate))
+    if tasks:
+        await asyncio.wait(tasks, timeout=60)
+    for _, writer in idle:
+        writer.close()
+    q = (
+        statistics.quantiles(latencies, n=100, method="inclusive")
+        if len(latencies) > 1
+        else [0] * 99
+    )
+    return {
+        "sent": count,
+        "answered": len(latencies),
+        "failures": failures + count - len(latencies),
+        "p50_ms": q[49] * 1000,
+        "p99_ms": q[98] * 1000,
+        "connections": opened,
+        "generator_late_s": late,  # > 0: the generator itself could not keep the rate
+    }
+
+
+def generator(args: argparse.Namespace) -> None:
+    import uvloop
+
+    # A hit run's pool is always the same 256 histories: the ones the prewarm cached.
+    seed = 0 if args.mode == "hit" else args.seed
+    bodies = _bodies(args.mode, int(args.rate * args.duration) + 1, seed)
+    if args.prewarm:  # put the pool in the cache, one request at a time
+
+        async def prewarm() -> dict[str, Any]:
+            conn = await asyncio.open_connection(HOST, args.port)
+            statuses = [await _exchange(*conn, body) for body in bodies]
+            conn[1].close()
+            return {"prewarmed": len(bodies), "failures": sum(s != 200 for s in statuses)}
+
+        print(json.dumps(uvloop.run(prewarm())))
+        return
+    print(json.dumps(uvloop.run(_open_loop(args.port, args.rate, args.duration, bodies))))
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _cpus() -> tuple[list[str], list[str]]:
+    """(taskset prefix for servers, for the generator): the last CPU is the generator's."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return [], []
+    server = ",".join(str(c) for c in cpus[:-1])
+    return ["taskset", "-c", server], ["taskset", "-c", str(cpus[-1])]
+
+
+def _tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU of ``pid`` and its live children (uvicorn's worker processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=5) as response:
+        return str(response.read().decode())
+
+
+class Process:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int | None) -> None:
+        self.port = port
+        self.log_path = log
+        self.log = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        if port is None:
+            return
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{argv[:4]} exited with {self.proc.returncode}; see {log}")
+            try:
+                _get(port, "/readyz")
+                return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"{argv[:4]} not ready after 180 s; see {log}")
+
+    def batch_stats(self) -> tuple[float, float]:
+        """(passes, rows) so far from the service's histogram (one worker's when several)."""
+        assert self.port is not None
+        try:
+            text = _get(self.port, "/metrics")
+        except OSError:
+            return 0.0, 0.0
+        values = dict(
+            line.rsplit(" ", 1)
+            for line in text.splitlines()
+            if line.startswith("multvae_batch_size_")
+        )
+        return float(values.get("multvae_batch_size_count", 0)), float(
+            values.get("multvae_batch_size_sum", 0)
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.server_cpus, self.generator_cpus = _cpus()
+        self.seed = 0
+
+    def step(self, server: Process, mode: str, rate: float, duration: float) -> dict[str, Any]:
+        assert server.port is not None
+        self.seed += 1
+        argv = [*self.generator_cpus, sys.executable, __file__, "generate", "--port",
+                str(server.port), "--mode", mode, "--rate", str(rate), "--duration",
+                str(duration), "--seed", str(self.seed)]  # fmt: skip
+        batches = server.batch_stats() if mode != "trivial" else (0.0, 0.0)
+        cpu = _tree_cpu_seconds(server.proc.pid)
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        result: dict[str, Any] = {"rate": rate, "mode": mode, **json.loads(out)}
+        result["cpu_us"] = (_tree_cpu_seconds(server.proc.pid) - cpu) * 1e6 / result["sent"]
+        after = server.batch_stats() if mode != "trivial" else (0.0, 0.0)
+        passes = after[0] - batches[0]
+        result["mean_batch"] = (after[1] - batches[1]) / passes if passes else None
+        return result
+
+    def ok(self, result: dict[str, Any]) -> bool:
+        return bool(
+            result["failures"] == 0
+            and result["p99_ms"] < self.args.p99_ms
+            and result["generator_late_s"] < 0.05 * self.args.step_s
+        )
+
+    def capacity(
+        self, server: Process, mode: str, start: float
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """The highest rate (req/s) whose p99 stays under the target, and every step run."""
+        steps: list[dict[str, Any]] = []
+        good, bad, rate = 0.0, None, start
+        while bad is None and rate <= self.args.max_rate:
+            result = self.step(server, mode, rate, self.args.step_s)
+            steps.append(result)
+            print(f"    {mode} {rate:8.1f} req/s: {_short(result)}", flush=True)
+            if self.ok(result):
+                good, rate = rate, rate * self.args.growth
+            else:
+                bad = rate
+        if bad is not None and good:
+            for _ in range(self.args.bisect):
+                rate = (good * bad) ** 0.5
+                result = self.step(server, mode, rate, self.args.step_s)
+                steps.append(result)
+                print(f"    {mode} {rate:8.1f} req/s: {_short(result)}", flush=True)
+                good, bad = (rate, bad) if self.ok(result) else (good, rate)
+        return good, steps
+
+    def at_loads(self, server: Process, mode: str, capacity: float) -> list[dict[str, Any]]:
+        rows = []
+        for share in (0.5, 0.8):
+            result = self.step(server, mode, capacity * share, self.args.measure_s)
+            result["share"] = share
+            rows.append(result)
+            print(f"    {mode} {share:.0%} of {capacity:.0f}: {_short(result)}", flush=True)
+        return rows
+
+
+def _short(r: dict[str, Any]) -> str:
+    batch = f", batch {r['mean_batch']:.1f}" if r.get("mean_batch") else ""
+    return (
+        f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['cpu_us']:.0f} µs CPU/req, "
+        f"{r['failures']} failed, late {r['generator_late_s']:.2f} s{batch}"
+    )
+
+
+def _write_model(model_dir: Path) -> str:
+    import numpy as np
+    import torch
+
+    from multvae.artifacts import write_version
+    from multvae.items import ItemIndex
+    from multvae.model import ModelConfig, MultVAE
+
+    torch.manual_seed(0)
+    model = MultVAE(ModelConfig.default("multvae", N_ITEMS))
+    popularity = np.random.default_rng(0).zipf(1.5, N_ITEMS).clip(max=100_000)
+    items = ItemIndex.build([str(i) for i in range(N_ITEMS)], popularity)
+    return write_version(model_dir, model, items, {"note": "random weights, bench only"})
+
+
+def in_process(args: argparse.Namespace) -> None:
+    """CPU seconds per history of ``recommend_batch`` at ``--batch`` histories (JSON)."""
+    import torch
+
+    from multvae import recommend
+    from multvae.artifacts import load_version
+
+    torch.set_num_threads(args.threads)
+    loaded = load_version(args.model_dir)
+    rng = random.Random(7)
+    histories = [rng.sample(range(N_ITEMS), rng.randint(10, 100)) for _ in range(args.batch)]
+    if hasattr(recommend, "Query"):  # ids in, (item, score) out
+        recommender = recommend.Recommender(loaded.model, loaded.items, loaded.version)
+        queries = [recommend.Query([str(c) for c in h], 20) for h in histories]
+
+        def fold_in() -> object:
+            return recommender.recommend_batch(queries)
+    else:  # an older checkout (--source): columns in, columns out
+        import numpy as np
+
+        old = recommend.Recommender(loaded.model, loaded.items)
+        columns = [np.asarray(h, dtype=np.int64) for h in histories]
+        n, exclude = [20] * len(columns), [recommend.EMPTY] * len(columns)
+
+        def fold_in() -> object:
+            return old.recommend_batch(columns, n, exclude)
+
+    for _ in range(3):
+        fold_in()
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(args.repeat):
+        fold_in()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    histories = args.repeat * args.batch
+    print(json.dumps({"batch": args.batch, "threads": args.threads,
+                      "cpu_us_per_history": cpu * 1e6 / histories,
+                      "wall_us_per_history": wall * 1e6 / histories}))  # fmt: skip
+
+
+def _machine() -> str:
+    model = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    load = os.getloadavg()
+    return f"{os.cpu_count()} CPUs, {model}, load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
+
+
+def run(args: argparse.Namespace) -> None:
+    bench = Bench(args)
+    source = Path(args.source).resolve()
+    print(f"machine: {_machine()}", flush=True)
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+    print(f"servers on CPUs {bench.server_cpus[-1:] or 'all'}, generator on "
+          f"{bench.generator_cpus[-1:] or 'all'}; source {source}", flush=True)  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="open-loop-"))
+    model_dir = work / "models"
+    print(f"model {_write_model(model_dir)} (ML-20M shape)", flush=True)
+    redis_port = _free_port()
+    redis = Process(
+        [*bench.server_cpus, args.redis_server, "--port", str(redis_port), "--save", "",
+         "--appendonly", "no", "--bind", HOST], {}, work / "redis.log", None,
+    )  # fmt: skip
+    time.sleep(0.5)  # redis-server binds within milliseconds; it answers no /readyz
+    env = {"PYTHONPATH": str(source), "MULTVAE_RELOAD_INTERVAL_S": "0",
+           "MULTVAE_REDIS_URL": f"redis://{HOST}:{redis_port}/0"}  # fmt: skip
+    threads = len(os.sched_getaffinity(0)) - (1 if bench.generator_cpus else 0)
+    summary: dict[str, Any] = {"machine": _machine(), "source": str(source), "servers": {}}
+    try:
+        hit_rates: list[float] = []
+        for workers in args.workers:
+            port = _free_port()
+            argv = [*bench.server_cpus, sys.executable, "-m", "multvae.cli", "serve",
+                    "--model-dir", str(model_dir), "--device", "cpu",
+                    "--port", str(port)]  # fmt: skip
+            argv += ["--workers", str(workers)] if workers > 1 else []
+            label = f"service, {workers} worker{'s' * (workers > 1)}"
+            print(f"{label}:", flush=True)
+            server = Process(argv, env, work / f"service-{workers}.log", port)
+            try:
+                bench.step(server, "miss", 20, 2.0)  # unrecorded: lazy initialisation
+                entry: dict[str, Any] = {}
+                for mode in args.modes:
+                    if mode == "hit":
+                        prewarm = [*bench.generator_cpus, sys.executable, __file__, "generate",
+                                   "--port", str(port), "--mode", "hit", "--rate", "1",
+                                   "--duration", "1", "--seed", "0", "--prewarm"]  # fmt: skip
+                        subprocess.run(prewarm, check=True, capture_output=True)
+                    start = args.start_miss if mode == "miss" else args.start_hit
+                    capacity, steps = bench.capacity(server, mode, start)
+                    loads = bench.at_loads(server, mode, capacity) if capacity else []
+                    entry[mode] = {"capacity": capacity, "loads": loads, "steps": steps}
+                    if mode == "hit" and capacity:
+                        hit_rates += [r["rate"] for r in loads]
+                summary["servers"][label] = entry
+            finally:
+                server.stop()
+            miss = entry.get("miss")
+            if miss and miss["loads"] and miss["loads"][-1]["mean_batch"]:
+                batch = max(1, round(miss["loads"][-1]["mean_batch"]))
+                per_worker = max(1, threads // workers)
+                argv = [*bench.server_cpus, sys.executable, __file__, "in-process",
+                        "--model-dir", str(model_dir), "--batch", str(batch),
+                        "--threads", str(per_worker)]  # fmt: skip
+                in_env = {**os.environ, "PYTHONPATH": str(source)}
+                out = subprocess.run(
+                    argv, check=True, capture_output=True, text=True, env=in_env
+                ).stdout
+                entry["in_process"] = json.loads(out)
+                print(f"    in-process fold-in: {entry['in_process']}", flush=True)
+        if hit_rates:
+            print("trivial FastAPI endpoint, plain uvicorn:", flush=True)
+            port = _free_port()
+            argv = [*bench.server_cpus, sys.executable, "-m", "uvicorn",
+                    "serve_open_loop:trivial_app", "--factory",
+                    "--app-dir", str(Path(__file__).parent), "--port", str(port),
+                    "--log-level", "warning", "--no-access-log"]  # fmt: skip
+            server = Process(argv, {}, work / "trivial.log", port)
+            try:
+                bench.step(server, "trivial", 200, 1.0)
+                summary["trivial"] = []
+                for rate in hit_rates:
+                    result = bench.step(server, "trivial", rate, args.measure_s)
+                    summary["trivial"].append(result)
+                    print(f"    at {rate:.0f} req/s: {_short(result)}", flush=True)
+            finally:
+                server.stop()
+    finally:
+        redis.stop()
+    out = Path(args.out)
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"\nfull results: {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    g = sub.add_parser("generate")
+    g.add_argument("--port", type=int, required=True)
+    g.add_argument("--mode", choices=("miss", "hit", "trivial"), required=True)
+    g.add_argument("--rate", type=float, required=True)
+    g.add_argument("--duration", type=float, required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prewarm", action="store_true")
+    p = sub.add_parser("in-process")
+    p.add_argument("--model-dir", type=Path, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--repeat", type=int, default=30)
+    for action in (parser,):
+        action.add_argument("--source", default=str(Path(__file__).resolve().parents[1]),
+                            help="the checkout whose service runs (PYTHONPATH)")  # fmt: skip
+        action.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+        action.add_argument("--modes", nargs="+", default=["miss", "hit"], choices=("miss", "hit"))
+        action.add_argument("--p99-ms", type=float, default=50.0)
+        action.add_argument("--start-miss", type=float, default=20.0)
+        action.add_argument("--start-hit", type=float, default=200.0)
+        action.add_argument("--growth", type=float, default=1.5)
+        action.add_argument("--bisect", type=int, default=2)
+        action.add_argument("--max-rate", type=float, default=20_000.0)
+        action.add_argument("--step-s", type=float, default=4.0)
+        action.add_argument("--measure-s", type=float, default=8.0)
+        action.add_argument(
+            "--redis-server", default=shutil.which("redis-server") or "redis-server"
+        )
+        action.add_argument("--out", default="open_loop.json")
+    args = parser.parse_args()
+    if args.command == "generate":
+        generator(args)
+    elif args.command == "in-process":
+        in_process(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
