@@ -8,9 +8,12 @@ NDCG@100 and the chosen fit scores the test users.
 
 * popularity: training click counts (ties by column, as the service's cold-start fallback).
 * EASE: B = I - P diag(1 / diag(P)), P = (X^T X + lambda I)^-1, scores x B; lambda from
-  :data:`EASE_GRID`. Two dense I x I float32 matrices at a time (the best B so far and the
-  one being inverted in place; X^T X is rebuilt per lambda rather than kept): 4.6 GB at
-  CiteULike-t's 24,000 items. It refuses catalogues for which that does not fit.
+  :data:`EASE_GRID`. With more training users than items: two dense I x I float32 matrices
+  at a time (the best B so far and the one being inverted in place; X^T X is rebuilt per
+  lambda rather than kept). With fewer users than items (CiteULike-t: 4,175 x 24,100) the
+  same B in its dual form, by the Woodbury identity P = (I - X^T K X) / lambda with
+  K = (X X^T + lambda I)^-1, a U x U matrix, and B is never formed: x B = ((x X^T) K X - x o
+  diag(X^T K X)) / (1 - diag(X^T K X)). It refuses data for which either does not fit.
 * WMF: implicit alternating least squares with confidence c = 1 + alpha * x. Each half step
   solves every row's normal equations with a few conjugate-gradient steps warm-started from
   the previous factors (vectorised over rows; cost O(nnz * k) per step instead of one k x k
@@ -141,20 +144,31 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def ease_memory_bytes(n_items: int) -> int:
+def ease_is_dual(n_users: int | None, n_items: int) -> bool:
+    """Whether EASE works in the U x U dual (fewer training users than items)."""
+    return n_users is not None and n_users < n_items
+
+
+def ease_memory_bytes(n_items: int, n_users: int | None = None) -> int:
+    if ease_is_dual(n_users, n_items):
+        assert n_users is not None
+        return EASE_COPIES * n_users * n_users * 8  # the best K so far and the one inverted
     return EASE_COPIES * n_items * n_items * np.dtype(EASE_DTYPE).itemsize
 
 
-def check_ease_memory(n_items: int, available: int | None = None) -> None:
-    """Refuse EASE before allocating when its dense item-item matrices cannot fit."""
+def check_ease_memory(
+    n_items: int, available: int | None = None, n_users: int | None = None
+) -> None:
+    """Refuse EASE before allocating when its dense matrices cannot fit."""
     available = available_memory_bytes() if available is None else available
-    need = ease_memory_bytes(n_items)
+    need = ease_memory_bytes(n_items, n_users)
     if available is not None and need > available:
+        side = min(n_items, n_users or n_items)
+        what = "users" if ease_is_dual(n_users, n_items) else "items"
         raise DataError(
             f"EASE needs about {need / 1e9:.1f} GB for {n_items:,} items ({EASE_COPIES} dense "
-            f"{n_items:,} x {n_items:,} float32 matrices) but only {available / 1e9:.1f} GB is "
-            "available; drop 'ease' from --baselines, or keep fewer items (about "
-            f"{int(np.sqrt(available / ease_memory_bytes(1))):,} fit)"
+            f"{side:,} x {side:,} matrices over its {what}) but only {available / 1e9:.1f} GB "
+            "is available; drop 'ease' from --baselines, or keep fewer items"
         )
 
 
@@ -200,6 +214,50 @@ def ease_weights(train: sp.csr_matrix, l2: float) -> NDArray[np.float32]:
 def ease_scorer(weights: NDArray[np.float32]) -> Scorer:
     # The block in B's dtype: a float64 block would make scipy convert all of B first.
     return lambda block: np.asarray(block.astype(weights.dtype) @ weights)
+
+
+def ease_dual_scorer(train: sp.csr_matrix, l2: float, chunk: int = 2048) -> Scorer:
+    """EASE's scores x B without B, for fewer training users U than items (see the module doc).
+
+    Costs a U x U Cholesky inverse (float64) per lambda instead of an I x I one.
+    """
+    x = sp.csr_matrix(train, dtype=np.float64)
+    xt = sp.csr_matrix(x.T)
+    k = torch.from_numpy((x @ xt).toarray())  # X X^T, U x U
+    k.diagonal().add_(l2)
+    try:
+        torch.linalg.cholesky(k, out=k)
+    except torch.linalg.LinAlgError as exc:
+        raise DataError(
+            f"X X^T + {l2} I is not positive definite ({exc}); use a larger L2 weight"
+        ) from exc
+    torch.cholesky_inverse(k, out=k)
+    kernel = k.numpy()  # K = (X X^T + lambda I)^-1, symmetric
+    # diag(X^T K X)_j = x_j^T K x_j over item columns x_j, a chunk of items at a time.
+    xc = sp.csc_matrix(x)
+    qdiag = np.empty(x.shape[1])
+    for start in range(0, x.shape[1], chunk):
+        cols = sp.csr_matrix(xc[:, start : start + chunk].T)  # (c, U)
+        qdiag[start : start + chunk] = np.asarray(
+            cols.multiply(cols @ kernel).sum(axis=1)
+        ).ravel()
+    scale = 1.0 / (1.0 - qdiag)  # 1 / (lambda P_jj) > 0: P is positive definite
+
+    def score(block: sp.csr_matrix) -> NDArray[np.float64]:
+        block = sp.csr_matrix(block, dtype=np.float64)
+        t = np.asarray((block @ xt) @ kernel)  # (B, U)
+        xq = np.asarray(xt @ t.T).T  # (B, I) = x X^T K X
+        xq[_rows_of(block), block.indices] -= block.data * qdiag[block.indices]  # B_jj = 0
+        return xq * scale[None, :]
+
+    return score
+
+
+def ease_fit(train: sp.csr_matrix, l2: float) -> Scorer:
+    """EASE's scorer in whichever form is cheaper for the shape of ``train``."""
+    if ease_is_dual(train.shape[0], train.shape[1]):
+        return ease_dual_scorer(train, l2)
+    return ease_scorer(ease_weights(train, l2))
 
 
 # -- WMF (implicit ALS) ----------------------------------------------------------------------
@@ -344,11 +402,10 @@ def run_ease(
     split: Split, grid: Sequence[float] = EASE_GRID, log: Log | None = None,
     cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
-    check_ease_memory(split.n_items)
+    check_ease_memory(split.n_items, n_users=split.train.shape[0])
     candidates = [{"l2": float(v)} for v in grid]
     return _select(
-        "ease", split, candidates, lambda p: ease_scorer(ease_weights(split.train, p["l2"])),
-        log, cutoffs,
+        "ease", split, candidates, lambda p: ease_fit(split.train, p["l2"]), log, cutoffs
     )
 
 
@@ -387,7 +444,8 @@ def run_baselines(
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINE_NAMES}")
     if "ease" in names:
-        check_ease_memory(split.n_items)  # before any work, so the refusal is immediate
+        # before any work, so the refusal is immediate
+        check_ease_memory(split.n_items, n_users=split.train.shape[0])
     results: dict[str, BaselineResult] = {}
     for name in names:
         if name == "popularity":

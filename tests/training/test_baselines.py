@@ -101,6 +101,10 @@ def test_ease_refuses_catalogues_that_do_not_fit() -> None:
     with pytest.raises(DataError, match=r"80\.0 GB for 100,000 items"):
         check_ease_memory(100_000, available=10**9)
     check_ease_memory(1_000, available=10**9)  # 8 MB fits
+    # CiteULike-t's shape: the dual form needs two 4,175^2 float64 matrices, not 24,100^2
+    check_ease_memory(24_100, available=10**9, n_users=4_175)
+    with pytest.raises(DataError, match=r"4,175 x 4,175 matrices over its users"):
+        check_ease_memory(24_100, available=10**8, n_users=4_175)
 
 
 def test_run_baselines_refuses_ease_before_fitting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -212,3 +216,21 @@ def test_parse_baseline_names() -> None:
     assert parse_baseline_names("popularity, EASE,ease") == ["popularity", "ease"]
     with pytest.raises(ValueError, match=r"'slim'.*popularity, ease, wmf"):
         parse_baseline_names("ease,slim")
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (40, 9)])
+def test_ease_dual_form_scores_like_the_primal(shape: tuple[int, int]) -> None:
+    """Fewer users than items: the U x U Woodbury form gives x B without forming B."""
+    rng = np.random.default_rng(5)
+    x = sp.csr_matrix((rng.random(shape) < 0.3).astype(np.float32))
+    block = sp.csr_matrix((rng.random((6, shape[1])) < 0.3).astype(np.float32))
+    lam = 3.0
+    xd = x.toarray().astype(np.float64)
+    p = np.linalg.inv(xd.T @ xd + lam * np.eye(shape[1]))
+    b = np.eye(shape[1]) - p / np.diag(p)[None, :]
+    np.testing.assert_allclose(
+        baselines.ease_dual_scorer(x, lam)(block), block.toarray() @ b, atol=1e-9
+    )
+    assert baselines.ease_is_dual(*shape) == (shape[0] < shape[1])
+    np.testing.assert_allclose(baselines.ease_fit(x, lam)(block), block.toarray() @ b,
+                               atol=1e-5)
