@@ -1,6 +1,7 @@
 """EASE's memory and time on the largest shared catalogue, CiteULike-t (about 24,000 items).
 
     python bench/ease_memory.py [--seed 98765] [--grid 50,100,200,500,1000]
+    python bench/ease_memory.py --synthetic 12000x6000   # more users than items: primal form
 
 Reads ../shared/data/citeulike-t with the `multvae train` defaults (every saved article is a
 click, users >= 5, 10 % of users held out per group), runs the EASE grid exactly as
@@ -18,6 +19,7 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from training.baselines import (
@@ -27,8 +29,10 @@ from training.baselines import (
     ease_memory_bytes,
     run_ease,
 )
+from training.dataset import Interactions, Split
 from training.evaluate import mean_se
 from training.pipeline import DataSpec, prepare
+from training.split import strong_generalisation_split
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "citeulike-t"
 
@@ -41,16 +45,33 @@ def peak_rss_bytes() -> int:
     raise RuntimeError("/proc/self/status has no VmHWM")
 
 
+def synthetic_split(shape: str, seed: int) -> Split:
+    """Users x items with 20 clicks per user, each drawn from one of 20 item blocks."""
+    n_users, n_items = (int(v) for v in shape.split("x"))
+    rng = np.random.default_rng(seed)
+    block = n_items // 20
+    start = rng.integers(0, 20, n_users) * block
+    items = start[:, None] + np.argsort(rng.random((n_users, block)), axis=1)[:, :20]
+    users = np.repeat(np.arange(n_users), 20)
+    inter = Interactions(users.astype(np.int32), items.ravel().astype(np.int32), None,
+                         np.arange(n_users), np.arange(n_items), source="synthetic")
+    return strong_generalisation_split(inter, 500, seed=seed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=98765)
     parser.add_argument("--grid", default=",".join(str(v) for v in EASE_GRID))
+    parser.add_argument("--synthetic", metavar="USERSxITEMS", help="random data instead")
     args = parser.parse_args()
     grid = [float(v) for v in args.grid.split(",")]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average "
           f"{os.getloadavg()[0]:.1f}, MemAvailable {(available_memory_bytes() or 0) / 1e9:.1f} GB")
-    split = prepare(DataSpec(path=str(DATA), seed=args.seed)).split
+    if args.synthetic:
+        split = synthetic_split(args.synthetic, args.seed)
+    else:
+        split = prepare(DataSpec(path=str(DATA), seed=args.seed)).split
     n = split.n_items
     before = peak_rss_bytes()
     print(f"data: {split.train.shape[0]:,} training users x {n:,} items, "
@@ -66,7 +87,7 @@ def main() -> None:
     print(f"form: {form}; one {n:,}^2 float32 matrix would be {n * n * 4 / 1e9:.2f} GB; "
           f"check_ease_memory's bound {ease_memory_bytes(n, users) / 1e9:.2f} GB")
     print(f"peak RSS during EASE: {after / 1e9:.2f} GB, {(after - before) / 1e9:.2f} GB above "
-          "the data")
+          f"the data ({(after - before) / (n * n * 4):.2f} I x I float32 matrices)")
     print(f"grid of {len(grid)} lambdas: {secs:.0f} s ({secs / len(grid):.0f} s per lambda), "
           f"chosen {result.params}")
     s = result.test.summary()
