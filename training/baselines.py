@@ -2,7 +2,8 @@
 
 Every baseline is fitted on the training users only. Held-out users are folded in from their
 fold-in clicks without refitting (strong generalisation, as for the model), their fold-in
-items are masked, and the top 100 go through :func:`training.evaluate.evaluate_topk`, so the
+items are masked, and the top 100 (or down to the deepest ``--k`` cut-off) go through
+:func:`training.evaluate.evaluate_topk`, so the
 numbers are directly comparable with the model's. Hyperparameters are chosen by validation
 NDCG@100 and the chosen fit scores the test users.
 
