@@ -3,9 +3,9 @@
 Every baseline is fitted on the training users only. Held-out users are folded in from their
 fold-in clicks without refitting (strong generalisation, as for the model), their fold-in
 items are masked, and the top 100 (or down to the deepest ``--k`` cut-off) go through
-:func:`training.evaluate.evaluate_topk`, so the
-numbers are directly comparable with the model's. Hyperparameters are chosen by validation
-NDCG@100 and the chosen fit scores the test users.
+:func:`training.evaluate.evaluate_topk`, so the numbers are directly comparable with the
+model's. Hyperparameters are chosen by validation NDCG@100 and the chosen fit scores the
+test users.
 
 * popularity: training click counts (ties by column, as the service's cold-start fallback).
 * EASE: B = I - P diag(1 / diag(P)), P = (X^T X + lambda I)^-1, scores x B; lambda from
