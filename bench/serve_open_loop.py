@@ -495,7 +495,7 @@ def run(args: argparse.Namespace) -> None:
                 server.stop()
     finally:
         redis.stop()
-    out = Path(args.out)
+    out = Path(args.out) if args.out else work / "open_loop.json"
     out.write_text(json.dumps(summary, indent=2))
     print(f"\nfull results: {out}")
 
@@ -515,23 +515,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--repeat", type=int, default=30)
-    for action in (parser,):
-        action.add_argument("--source", default=str(Path(__file__).resolve().parents[1]),
-                            help="the checkout whose service runs (PYTHONPATH)")  # fmt: skip
-        action.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-        action.add_argument("--modes", nargs="+", default=["miss", "hit"], choices=("miss", "hit"))
-        action.add_argument("--p99-ms", type=float, default=50.0)
-        action.add_argument("--start-miss", type=float, default=20.0)
-        action.add_argument("--start-hit", type=float, default=200.0)
-        action.add_argument("--growth", type=float, default=1.5)
-        action.add_argument("--bisect", type=int, default=2)
-        action.add_argument("--max-rate", type=float, default=20_000.0)
-        action.add_argument("--step-s", type=float, default=4.0)
-        action.add_argument("--measure-s", type=float, default=8.0)
-        action.add_argument(
-            "--redis-server", default=shutil.which("redis-server") or "redis-server"
-        )
-        action.add_argument("--out", default="open_loop.json")
+    parser.add_argument("--source", default=str(Path(__file__).resolve().parents[1]),
+                        help="the checkout whose service runs (PYTHONPATH)")  # fmt: skip
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", default=["miss", "hit"], choices=("miss", "hit"))
+    parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument("--start-miss", type=float, default=20.0)
+    parser.add_argument("--start-hit", type=float, default=200.0)
+    parser.add_argument("--growth", type=float, default=1.5)
+    parser.add_argument("--bisect", type=int, default=2)
+    parser.add_argument("--max-rate", type=float, default=20_000.0)
+    parser.add_argument("--step-s", type=float, default=4.0)
+    parser.add_argument("--measure-s", type=float, default=8.0)
+    parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
+    parser.add_argument("--out", help="JSON results (default: in the run's temporary directory)")
     args = parser.parse_args()
     if args.command == "generate":
         generator(args)
