@@ -43,7 +43,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (MULTVAE_DEVICE)")
     parser.add_argument("--redis-url", help="Redis cache URL (MULTVAE_REDIS_URL)")
     parser.add_argument(
-        "--batch-wait-ms", type=float, help="micro-batch wait; 0 = off (MULTVAE_BATCH_WAIT_MS)"
+        "--batch-wait-ms",
+        type=float,
+        help="longest a lone request waits for company; 0 = never (MULTVAE_BATCH_WAIT_MS)",
     )
     parser.add_argument(
         "--batch-max-size", type=int, help="rows per forward pass (MULTVAE_BATCH_MAX_SIZE)"

@@ -1,7 +1,7 @@
 """Structured logging: one JSON object per line on stderr, so pipelines need no parsing rules.
 
 The handler writes synchronously. A ``QueueHandler`` with a listener thread was measured
-(bench/serve_load.py, py-spy): every record woke the listener, which then competed with the
+(under HTTP load, py-spy): every record woke the listener, which then competed with the
 event loop for the GIL, costing more than the short write it was meant to move away.
 """
 

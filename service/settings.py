@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     strict: bool = False  # default for requests that do not say ?strict=
 
-    # Micro-batching: wait at most batch_wait_ms for more requests, up to batch_max_size rows.
+    # Micro-batching: a pass takes what queued, up to batch_max_size rows; a lone request waits
+    # at most batch_wait_ms for company.
     batch_wait_ms: float = Field(default=2.0, ge=0.0)
     batch_max_size: int = Field(default=64, ge=1)
     # Load shedding: above this many histories waiting for a forward pass, answer 503 at once

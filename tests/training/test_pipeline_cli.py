@@ -159,30 +159,11 @@ def test_count_column_keeps_every_play_and_tiny_groups_do_not_break_metrics(
     path = tmp_path / "plays.csv"
     path.write_text("\n".join(rows) + "\n")
     models = tmp_path / "m"
-    code = main(
-        [
-            "train",
-            "--data",
-            str(path),
-            "--user-col",
-            "user",
-            "--item-col",
-            "song",
-            "--count-col",
-            "plays",
-            "--heldout-users",
-            "1",
-            "--epochs",
-            "2",
-            "--latent-dim",
-            "8",
-            "--out",
-            str(models),
-            "--quiet",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = main([
+        "train", "--data", str(path), "--user-col", "user", "--item-col", "song",
+        "--count-col", "plays", "--heldout-users", "1", "--epochs", "2", "--latent-dim", "8",
+        "--out", str(models), "--quiet", "--device", "cpu",
+    ])
     assert code == 0
     capsys.readouterr()
     version = load_version(models)
