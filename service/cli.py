@@ -7,6 +7,7 @@ training subcommands do not pay for them here.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -86,6 +87,10 @@ def _settings_errors(errors: Iterable[Mapping[str, Any]], from_command_line: set
     return lines
 
 
+def _stopped(signum: int, frame: object) -> None:
+    """The stop signal uvicorn re-raises once it has shut down: nothing is left to do."""
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
@@ -127,6 +132,11 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
+    # After a graceful shutdown uvicorn restores the handlers it found and re-raises the
+    # signal that stopped it. With Python's defaults that kills the process (143 under an
+    # init process such as compose's `init: true`); with these the shutdown ends in exit 0.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stopped)
     server.run()
     # uvicorn returns normally when startup fails (e.g. the model does not verify).
     return 0 if server.started else 1
