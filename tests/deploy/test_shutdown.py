@@ -32,8 +32,8 @@ from starlette.routing import Route
 from multvae.artifacts import write_version
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE
-from service.middleware import RequestMiddleware
 from service.metrics import Metrics
+from service.middleware import RequestMiddleware
 
 N_ITEMS = 50
 
