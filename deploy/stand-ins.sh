@@ -3,6 +3,7 @@
 # machine that reaches package indexes (a Debian mirror, PyPI) but no image registry.
 #
 #   sh deploy/stand-ins.sh            build each missing tag (a real image is never replaced)
+#                                     (the three in parallel; exit 1 if any failed)
 #
 # Each is a `mmdebstrap --variant=minbase` root filesystem of Debian bookworm turned into an
 # image by `docker import`, tagged exactly as the Dockerfile and docker-compose.yml name the
@@ -59,7 +60,8 @@ $change"
 # python:3.11-slim-bookworm: Debian's python3 (3.11) in /usr/bin, venv and CA certificates.
 stand_in python:3.11-slim-bookworm python3,python3-venv,ca-certificates \
     'ENV LANG=C.UTF-8' 'CMD ["python3"]' -- \
-    --customize-hook='ln -sf python3 "$1/usr/bin/python"'
+    --customize-hook='ln -sf python3 "$1/usr/bin/python"' &
+python_pid=$!
 
 # redis:7.4-alpine: Debian's redis-server 7.0. Like the official image's entrypoint, it turns
 # protected mode off (no password; the compose network is the boundary) and runs as redis.
@@ -70,7 +72,8 @@ stand_in redis:7.4-alpine redis-server \
     --customize-hook='printf "%s\n" "#!/bin/sh" \
         "[ \"\${1:-}\" = redis-server ] && set -- \"\$@\" --protected-mode no" \
         "exec \"\$@\"" > "$1/usr/local/bin/docker-entrypoint.sh" \
-        && chmod 0755 "$1/usr/local/bin/docker-entrypoint.sh"'
+        && chmod 0755 "$1/usr/local/bin/docker-entrypoint.sh"' &
+redis_pid=$!
 
 # prom/prometheus:v2.55.1: Debian's prometheus 2.42 with the official image's entry point,
 # user (nobody) and data directory.
@@ -78,4 +81,11 @@ stand_in prom/prometheus:v2.55.1 prometheus \
     'ENTRYPOINT ["/usr/bin/prometheus"]' \
     'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]' \
     'USER nobody' 'WORKDIR /prometheus' 'EXPOSE 9090' -- \
-    --customize-hook='mkdir -p "$1/prometheus" && chown 65534:65534 "$1/prometheus"'
+    --customize-hook='mkdir -p "$1/prometheus" && chown 65534:65534 "$1/prometheus"' &
+prometheus_pid=$!
+
+failed=0
+for pid in "$python_pid" "$redis_pid" "$prometheus_pid"; do
+    wait "$pid" || failed=1
+done
+exit "$failed"
