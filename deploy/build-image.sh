@@ -84,8 +84,10 @@ fi
 buildkit_client() {
     for candidate in ${DOCKER:-docker /usr/bin/docker}; do
         command -v "$candidate" >/dev/null 2>&1 || continue
-        if printf 'FROM scratch\n' | DOCKER_BUILDKIT=1 "$candidate" build -q - >/dev/null 2>&1
+        # An empty image: its id is the same on every engine; removed unless tagged.
+        if probe=$(printf 'FROM scratch\n' | DOCKER_BUILDKIT=1 "$candidate" build -q - 2>/dev/null)
         then
+            "$candidate" image rm "$probe" >/dev/null 2>&1 || true
             echo "$candidate"
             return 0
         fi
