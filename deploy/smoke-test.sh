@@ -35,7 +35,12 @@ pass() {
 }
 
 if ! docker info >/dev/null 2>&1; then
-    why="no Docker engine reachable ($(docker info 2>&1 | grep -m1 -i -E 'error|cannot' || echo 'docker not installed'))"
+    if command -v docker >/dev/null 2>&1; then
+        detail=$(docker info 2>&1 | grep -m1 -i -E 'error|cannot' || true)
+    else
+        detail="docker is not installed"
+    fi
+    why="no Docker engine reachable (${detail:-docker info failed})"
     if [ "${CI:-}" = true ]; then
         summary "FAIL: $why; CI must run the live smoke test (.ci/run starts dockerd)"
         exit 1

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "build-image.sh"
 
@@ -115,3 +117,16 @@ def test_every_install_step_mounts_both_secrets() -> None:
     # Nothing else that only BuildKit understands: the legacy builder runs the rest as is.
     assert not [line for line in lines if "--chmod" in line]
     assert "VOLUME" not in [line.split()[0] for line in lines]
+
+
+@pytest.mark.parametrize(("ci", "code", "verdict"), [("", 0, "SKIP"), ("true", 1, "FAIL")])
+def test_the_smoke_test_without_an_engine_skips_or_fails_under_ci(
+    ci: str, code: int, verdict: str
+) -> None:
+    env = {**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock", "CI": ci}
+    result = subprocess.run(["bash", str(ROOT / "deploy" / "smoke-test.sh")], env=env,
+                            capture_output=True, text=True, check=False, timeout=60)  # fmt: skip
+    assert result.returncode == code, result.stdout + result.stderr
+    last = result.stdout.splitlines()[-1]
+    assert last.startswith(f"smoke-test: {verdict}: no Docker engine reachable"), last
+    assert len(result.stdout.splitlines()) == 1  # one line: the reason
