@@ -91,7 +91,7 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
 # One uvicorn worker per container: scale with replicas, so that each process's Prometheus
 # metrics are scraped on their own. Exec form, no shell: `multvae serve` gets SIGTERM itself,
 # as PID 1 (plain docker run, Kubernetes) or from the init process (compose's `init: true`);
-# uvicorn stops accepting, finishes in-flight requests (up to 10 s; later ones are answered
-# 503), and the process exits 0.
+# uvicorn stops accepting, finishes in-flight requests (up to 10 s; any still running then is
+# answered 503), and the process exits 0.
 STOPSIGNAL SIGTERM
 CMD ["multvae", "serve", "--host", "0.0.0.0", "--port", "8000"]
