@@ -10,6 +10,7 @@ A client that hangs up while its body is read is no server error: it is recorded
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import re
@@ -34,6 +35,9 @@ HEADER = b"x-request-id"
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 CLIENT_CLOSED = 499
+# A request still running when the graceful-shutdown timeout ends is cancelled by the server:
+# answered (when nothing was sent yet) and logged as 503, not as a 500 with a traceback.
+SHUTTING_DOWN = 503
 # The method label takes one of these or "other": a client can send any token as a method.
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -65,6 +69,15 @@ def _declared_length(scope: Scope) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, str], close: bool = False) -> None:
+    body = orjson.dumps(payload)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class RequestMiddleware:
@@ -125,23 +138,18 @@ class RequestMiddleware:
         except ClientDisconnect:
             # Nobody is left to answer; a client's hang-up is neither an error nor a 5xx.
             status = CLIENT_CLOSED
+        except asyncio.CancelledError:
+            # The server cancels what is left at its shutdown timeout: this task ends here, as
+            # an answered request, so the server logs no "Exception in ASGI application".
+            if not started:
+                detail = "the server is shutting down; retry on another replica"
+                await _send_json(send_with_id, SHUTTING_DOWN, {"detail": detail}, close=True)
+            status = SHUTTING_DOWN
         except Exception:
             log.exception("unhandled error", extra={"request_id": info.request_id})
             if not started:
-                body = orjson.dumps(
-                    {"detail": f"internal error; quote request id {info.request_id}"}
-                )
-                await send_with_id(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
+                detail = f"internal error; quote request id {info.request_id}"
+                await _send_json(send_with_id, 500, {"detail": detail})
             status = 500
         finally:
             self._record(scope, info, status, time.perf_counter() - tic)
