@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -42,6 +43,11 @@ CURRENT = "CURRENT"
 VERSIONS = "versions"
 FILES = (WEIGHTS, CONFIG, ITEMS, METRICS)
 STALE_TMP_SECONDS = 6 * 3600
+# A version is a plain directory name: no separator, no leading dot (so no ".." and no
+# temporary directory), nothing a shell or a log line would misread.
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION_NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
+CURRENT_MAX_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -169,22 +175,64 @@ def atomic_write(path: Path, data: bytes) -> None:
 def set_current(model_dir: Path | str, version: str) -> None:
     """Atomically point ``CURRENT`` at an existing, verified version."""
     model_dir = Path(model_dir)
-    verify_version(model_dir / VERSIONS / version)
+    verify_version(version_path(model_dir, version))
     atomic_write(model_dir / CURRENT, (version + "\n").encode())
 
 
+def version_path(model_dir: Path | str, version: str) -> Path:
+    """``model_dir/versions/<version>``, refusing any name that would lead elsewhere.
+
+    The name must be a plain directory name (:data:`VERSION_NAME`); a symlink under
+    ``versions/`` is followed only when it stays inside ``versions/``. Errors never echo
+    more of the name than its length, since it may come from a file that is not ours.
+    """
+    model_dir = Path(model_dir)
+    if not VERSION_NAME.fullmatch(version):
+        raise ArtifactError(
+            f"{len(version)}-character model version name refused: a version must be a plain "
+            f"directory name under {model_dir / VERSIONS} ({VERSION_NAME_RULE})"
+        )
+    path = model_dir / VERSIONS / version
+    if path.is_symlink() and path.resolve().parent != (model_dir / VERSIONS).resolve():
+        raise ArtifactError(
+            f"{path} is a symlink leading outside {model_dir / VERSIONS}: refused"
+        )
+    return path
+
+
 def current_version(model_dir: Path | str) -> str | None:
-    """The version ``CURRENT`` names, or None when there is no pointer."""
-    path = Path(model_dir) / CURRENT
+    """The version ``CURRENT`` names, or None when there is no pointer.
+
+    ``CURRENT`` must be a small file inside the model directory holding one version name;
+    anything else is an :class:`ArtifactError` that does not quote the file's content.
+    """
+    model_dir = Path(model_dir)
+    path = model_dir / CURRENT
     try:
-        name = path.read_text().strip()
+        if path.is_symlink() and not path.resolve().is_relative_to(model_dir.resolve()):
+            raise ArtifactError(f"{path} is a symlink leading outside {model_dir}: refused")
+        with path.open("rb") as fh:
+            raw = fh.read(CURRENT_MAX_BYTES + 1)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ArtifactError(
-            f"{path} cannot be read ({exc}); it must hold one version name"
+            f"{path} cannot be read ({exc.strerror or type(exc).__name__}); it must hold one "
+            "version name"
         ) from exc
-    return name or None
+    try:
+        name = raw.decode().strip()
+    except UnicodeDecodeError:
+        name = "\0"  # not a name; the check below refuses it without showing the bytes
+    if not name:
+        return None
+    if len(raw) > CURRENT_MAX_BYTES or not VERSION_NAME.fullmatch(name):
+        raise ArtifactError(
+            f"{path} does not hold a model version name ({len(raw)}"
+            f"{'+' if len(raw) > CURRENT_MAX_BYTES else ''} bytes, not shown): it must be one "
+            f"line naming a directory under {model_dir / VERSIONS} ({VERSION_NAME_RULE})"
+        )
+    return name
 
 
 def list_versions(model_dir: Path | str) -> list[str]:
@@ -234,7 +282,7 @@ def load_version(
                 f"{model_dir} has no {CURRENT} file: train a model first "
                 f"(multvae train --out {model_dir})"
             )
-    path = model_dir / VERSIONS / version
+    path = version_path(model_dir, version)
     verify_version(path)
     try:
         config = json.loads((path / CONFIG).read_text())

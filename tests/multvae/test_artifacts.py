@@ -147,3 +147,49 @@ def test_stale_temporary_directories_are_reclaimed(tmp_path: Path) -> None:
     remove_old_versions(tmp_path, keep=3)
     assert not stale.exists()
     assert fresh.exists()  # a writer may still be filling it
+
+
+@pytest.mark.parametrize(
+    "pointer", ["../x", "/etc", "versions/../../x", ".tmp-abc", "a b", "x\ny", "ü" * 3, "x" * 300]
+)
+def test_current_must_name_a_plain_version_directory(tmp_path: Path, pointer: str) -> None:
+    from multvae.errors import ArtifactError
+
+    _write(tmp_path)
+    (tmp_path / "CURRENT").write_text(pointer + "\n")
+    with pytest.raises(ArtifactError, match="does not hold a model version name") as err:
+        current_version(tmp_path)
+    assert pointer.strip() not in str(err.value)  # never echoed
+    with pytest.raises(ArtifactError):
+        load_version(tmp_path)
+
+
+def test_a_current_symlink_to_a_foreign_file_is_refused_without_echoing_it(
+    tmp_path: Path,
+) -> None:
+    from multvae.errors import ArtifactError
+
+    secret = tmp_path / "outside" / "secret"
+    secret.parent.mkdir()
+    secret.write_text("rootpassword\n")
+    model_dir = tmp_path / "models"
+    _write(model_dir)
+    (model_dir / "CURRENT").unlink()
+    (model_dir / "CURRENT").symlink_to(secret)
+    with pytest.raises(ArtifactError, match="symlink leading outside") as err:
+        current_version(model_dir)
+    assert "rootpassword" not in str(err.value)
+
+
+def test_a_version_symlink_escaping_versions_is_refused(tmp_path: Path) -> None:
+    from multvae.errors import ArtifactError
+
+    good = _write(tmp_path / "elsewhere")
+    _write(tmp_path / "models")
+    (tmp_path / "models" / "versions" / "evil").symlink_to(
+        tmp_path / "elsewhere" / "versions" / good
+    )
+    with pytest.raises(ArtifactError, match="symlink leading outside"):
+        load_version(tmp_path / "models", "evil")
+    with pytest.raises(ArtifactError, match="symlink leading outside"):
+        set_current(tmp_path / "models", "evil")
