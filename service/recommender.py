@@ -93,7 +93,9 @@ class ServingModel:
         ]
 
     def warm_up(self) -> None:
-        """One forward pass before serving, so the first request pays no lazy initialisation."""
+        """Fold-ins before serving: the first request pays no lazy initialisation, and a model
+        whose scores are not finite is refused (:class:`VerificationError`) before it serves."""
+        self.recommender.check_finite()
         cols = np.arange(min(10, self.n_items), dtype=np.int64)
         self.rank([Query(cols, 20, EMPTY), Query(EMPTY, 20, EMPTY)])
 

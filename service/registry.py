@@ -57,11 +57,10 @@ class ModelRegistry:
         self._sighup = False
 
     def _load(self, version: str | None) -> ServingModel:
-        """Blocking: read, verify, rebuild and warm up one version."""
+        """Blocking: read, verify, rebuild and warm up one version (finite scores or refused)."""
         loaded = load_version(self.settings.model_dir, version, self.device)
         model = ServingModel(loaded, self.device)
-        if self.settings.warmup:
-            model.warm_up()
+        model.warm_up()
         return model
 
     def _swap(self, model: ServingModel, trigger: Trigger) -> None:

@@ -69,7 +69,6 @@ class Settings(BaseSettings):
 
     # Hot reload: poll CURRENT this often (0 = only on SIGHUP or POST /admin/reload).
     reload_interval_s: float = Field(default=10.0, ge=0.0)
-    warmup: bool = True
     gc_freeze: bool = True  # see service.app; tests that build many apps in one process opt out
 
     api_key: SecretStr | None = None

@@ -119,7 +119,6 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
         "device": TEST_DEVICE,
         "reload_interval_s": 0,
         "batch_wait_ms": 2,
-        "warmup": True,
         # gc.freeze() and torch's thread count are process-wide: leave the test session's be.
         "gc_freeze": False,
         "torch_threads": torch.get_num_threads(),
