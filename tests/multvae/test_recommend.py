@@ -128,7 +128,7 @@ def test_scorer_falls_back_to_the_plain_layer_when_onednn_fails(
 def test_a_model_with_non_finite_weights_fails_the_finite_check() -> None:
     from multvae.errors import VerificationError
 
-    model = MultVAE(ModelConfig(n_items=20, hidden_dims=(8,), latent_dim=4)).eval()
+    model = MultVAE(ModelConfig(p_dims=(4, 8, 20))).eval()
     items = ItemIndex.build([f"i{c}" for c in range(20)], np.arange(20))
     Recommender(model, items).check_finite()  # a healthy model passes
     with torch.no_grad():
