@@ -56,3 +56,55 @@ def test_a_nan_version_alone_never_becomes_ready(trained: Trained, tmp_path: Pat
         TestClient(create_app(make_settings(tmp_path))),
     ):
         pass
+
+
+def test_the_poller_retries_a_refused_version_with_backoff(
+    trained: Trained, model_dir: Path, tmp_path: Path
+) -> None:
+    import asyncio
+    import shutil
+
+    from multvae.artifacts import VERSIONS
+    from service.metrics import Metrics
+    from service.registry import ModelRegistry
+
+    now = [0.0]
+    metrics = Metrics()
+    settings = make_settings(model_dir, reload_interval_s=1.0)
+    registry = ModelRegistry(settings, torch.device("cpu"), metrics, clock=lambda: now[0])
+    refused = {"outcome": "refused", "trigger": "poll"}
+
+    def refusals() -> float:
+        return metrics.registry.get_sample_value("multvae_model_reloads_total", refused) or 0.0
+
+    async def scenario() -> None:
+        await registry.load_initial()
+        # CURRENT is written before its version directory is visible (a shared volume).
+        staging = tmp_path / "staging"
+        new = write_version(staging, trained.model, trained.items, {}, promote=False)
+        (model_dir / "CURRENT").write_text(new + "\n")
+        assert (await registry.reload("poll")).outcome == "refused"
+        assert refusals() == 1
+        shutil.move(staging / VERSIONS / new, model_dir / VERSIONS / new)
+        now[0] = 1.9  # inside the backoff: not tried again yet
+        assert (await registry.reload("poll")).outcome == "refused"
+        assert refusals() == 1
+        now[0] = 2.0  # the first retry, after 2 x the poll interval
+        result = await registry.reload("poll")
+        assert (result.outcome, result.version) == ("reloaded", new)
+
+        # A version that stays broken is tried at 2, 4, 8... x the interval, not every poll.
+        bad = write_version(model_dir, trained.model, trained.items, {})
+        (model_dir / VERSIONS / bad / "model.safetensors").write_bytes(b"garbage")
+        tried = []
+        for tick in range(0, 40):
+            now[0] = 10.0 + tick * 0.5
+            before = refusals()
+            result = await registry.reload("poll")
+            assert (result.outcome, result.version) == ("refused", new)
+            if refusals() > before:
+                tried.append(now[0] - 10.0)
+        assert tried == [0.0, 2.0, 6.0, 14.0]
+        await registry.stop()
+
+    asyncio.run(scenario())
