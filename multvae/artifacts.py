@@ -4,6 +4,7 @@
       versions/<version>/   model.safetensors, config.json, items.json, metrics.json,
                             manifest.json (sha256 of every other file)
       CURRENT               one line: the version to serve
+      PREVIOUS              one line: the version CURRENT replaced (kept by garbage collection)
 
 A version is written to a temporary directory, fsynced and renamed into place, so a reader
 sees either nothing or the whole version; ``CURRENT`` is replaced atomically the same way.
@@ -40,6 +41,7 @@ ITEMS = "items.json"
 METRICS = "metrics.json"
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
+PREVIOUS = "PREVIOUS"
 VERSIONS = "versions"
 FILES = (WEIGHTS, CONFIG, ITEMS, METRICS)
 STALE_TMP_SECONDS = 6 * 3600
@@ -176,6 +178,10 @@ def set_current(model_dir: Path | str, version: str) -> None:
     """Atomically point ``CURRENT`` at an existing, verified version."""
     model_dir = Path(model_dir)
     verify_version(version_path(model_dir, version))
+    replaced = current_version(model_dir)
+    if replaced is not None and replaced != version:
+        # First: a crash between the two writes leaves PREVIOUS == CURRENT, which is harmless.
+        atomic_write(model_dir / PREVIOUS, (replaced + "\n").encode())
     atomic_write(model_dir / CURRENT, (version + "\n").encode())
 
 
@@ -194,9 +200,7 @@ def version_path(model_dir: Path | str, version: str) -> Path:
         )
     path = model_dir / VERSIONS / version
     if path.is_symlink() and path.resolve().parent != (model_dir / VERSIONS).resolve():
-        raise ArtifactError(
-            f"{path} is a symlink leading outside {model_dir / VERSIONS}: refused"
-        )
+        raise ArtifactError(f"{path} is a symlink leading outside {model_dir / VERSIONS}: refused")
     return path
 
 
@@ -302,21 +306,59 @@ def load_version(
 
 
 def remove_old_versions(model_dir: Path | str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions, never the one ``CURRENT`` names.
+    """Delete all but the newest ``keep`` versions; returns the deleted ones, oldest first.
 
-    Temporary directories left by an interrupted write are removed after six hours.
+    Whatever ``keep`` is, never deleted: the version ``CURRENT`` names, the version it
+    replaced (``PREVIOUS``, the rollback target) and every version written since the last
+    promotion (``CURRENT``'s modification time): a candidate being evaluated, one kept for
+    inspection or one a killed run left behind waits for the next promotion. Temporary files
+    and directories left by an interrupted write are removed once they are
+    :data:`STALE_TMP_SECONDS` old, when no writer can still be filling them.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    current = current_version(model_dir)
+    model_dir = Path(model_dir)
     versions = list_versions(model_dir)
-    removable = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
+    protected = {current_version(model_dir), _pointer(model_dir / PREVIOUS)}
+    try:
+        promoted_at = (model_dir / CURRENT).stat().st_mtime_ns
+    except FileNotFoundError:
+        promoted_at = None  # never promoted: everything is younger than the last promotion
+    for version in versions:
+        if promoted_at is None or (model_dir / VERSIONS / version).stat().st_mtime_ns > promoted_at:
+            protected.add(version)
+    removable = [v for v in versions[: max(0, len(versions) - keep)] if v not in protected]
     for version in removable:
-        shutil.rmtree(Path(model_dir) / VERSIONS / version)
-    # Half-written versions of a killed trainer never become visible; reclaim their space
-    # once they are old enough that no writer can still be filling them.
-    cutoff = time.time() - STALE_TMP_SECONDS
-    for tmp in (Path(model_dir) / VERSIONS).glob(".tmp-*"):
-        if tmp.stat().st_mtime < cutoff:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(model_dir / VERSIONS / version)
+    # Half-written versions and pointers of a killed writer.
+    remove_stale_temporaries(model_dir / VERSIONS, ".tmp-*")
+    remove_stale_temporaries(model_dir, ".*.tmp-*")
     return removable
+
+
+def _pointer(path: Path) -> str | None:
+    """The version a pointer file names; None when it is missing or not a version name."""
+    try:
+        name = path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return name if VERSION_NAME.fullmatch(name) else None
+
+
+def remove_stale_temporaries(directory: Path, pattern: str) -> list[Path]:
+    """Delete entries of ``directory`` matching ``pattern`` not modified for
+    :data:`STALE_TMP_SECONDS` (temporaries of a killed writer); returns them."""
+    cutoff = time.time() - STALE_TMP_SECONDS
+    removed = []
+    for tmp in directory.glob(pattern):
+        try:
+            if tmp.lstat().st_mtime >= cutoff:
+                continue  # a writer may still be filling it
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue  # its writer renamed or removed it meanwhile
+        removed.append(tmp)
+    return removed

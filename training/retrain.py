@@ -14,7 +14,9 @@ Crash safety: the candidate is written with ``promote=False`` (temp dir + rename
 ``CURRENT`` moves only through :func:`multvae.artifacts.set_current` (temp file + rename). A
 crash at any step therefore leaves ``CURRENT`` and the version it names untouched; a failed
 run removes its own unpromoted candidate, and one killed outright leaves at most a complete
-but unserved version, which garbage collection later removes.
+but unserved version, which garbage collection removes once a later promotion has made it old.
+Garbage collection never removes ``CURRENT``, the version it replaced (``PREVIOUS``) or any
+version written since the last promotion, however many killed or refused candidates exist.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from multvae.artifacts import (
     atomic_write,
     current_version,
     remove_old_versions,
+    remove_stale_temporaries,
     set_current,
 )
 from multvae.device import resolve_device
@@ -300,6 +303,7 @@ def _own_split_json(trained: TrainedVersion) -> dict[str, Any]:
 def _collect_garbage(model_dir: Path, keep: int) -> list[str]:
     # Housekeeping must not turn a promotion into a failure: log and go on.
     try:
+        remove_stale_temporaries(model_dir / REPORTS, ".retrain-*.tmp-*")
         return remove_old_versions(model_dir, keep)
     except OSError as exc:
         log.warning("garbage collection of old versions failed: %s", exc)
@@ -352,7 +356,8 @@ def register_retrain(subparsers: Any) -> None:
     g = p.add_argument_group("housekeeping and output")
     g.add_argument(
         "--keep", type=int, default=3,
-        help="garbage collection keeps the newest N versions, and CURRENT always (default 3)",
+        help="garbage collection keeps the newest N versions and, always, CURRENT, the version "
+        "it replaced and every version written since the last promotion (default 3)",
     )  # fmt: skip
     g.add_argument(
         "--keep-refused", action="store_true",
