@@ -5,9 +5,17 @@
 never reads an old version's entries, and the hash is over sorted columns, so the order in
 which a client lists its history does not matter.
 
-The cache is an optimisation, never a dependency: :class:`GuardedCache` counts a failure or
-timeout, answers "miss", and skips the backend for ``breaker_s`` seconds (a circuit breaker)
-so that a dead Redis costs one timeout, not one per request.
+The cache is an optimisation, never a dependency: :class:`GuardedCache` turns every failure
+into a counted "miss". Only a connectivity failure (:class:`CacheUnavailableError`: refused, reset,
+timed out) opens its circuit breaker: the backend is then skipped, except for one probe every
+``breaker_s`` seconds, so that a dead Redis costs one timeout per period, not one per request,
+and the first probe that gets an answer closes the breaker again. An error Redis answered
+with, or every pooled connection being busy, is a miss but not "Redis down".
+
+:class:`RedisCache` bounds its connections (a pool of ``max_connections``; an operation waits
+up to the timeout for a free one) and retries an operation once on a connection error, so a
+pooled connection that died while idle (a Redis restart) costs a reconnect, not a failure;
+connections idle longer than ``health_check_s`` are checked with a PING before use.
 """
 
 from __future__ import annotations
@@ -16,26 +24,35 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import struct
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.metrics import Metrics
 from service.recommender import Query
 
 log = logging.getLogger("multvae.cache")
 
+WARN_EVERY_S = 10.0  # at most one warning per this period for errors that are not "down"
+
 
 class CacheError(Exception):
-    """A cache backend failed or timed out."""
+    """A cache operation failed: a miss, counted, but not a sign that the backend is down."""
+
+
+class CacheUnavailableError(CacheError):
+    """The backend cannot be reached (connection refused or reset, timeout): opens the breaker."""
 
 
 class Cache(Protocol):
@@ -101,40 +118,65 @@ class MemoryCache:
 
 
 class RedisCache:
-    """Redis via ``redis.asyncio`` with short socket timeouts and no retries.
+    """Redis via ``redis.asyncio``: a bounded pool, short timeouts, one retry on a dead connection.
 
-    A retry would multiply the time a request waits on a sick Redis; the guard's circuit
-    breaker is the retry policy instead.
+    Only a connection error is retried, once, on a fresh connection: that is what a pooled
+    connection closed while idle looks like. A timeout is not retried (it would double the
+    wait on a sick Redis); the guard's circuit breaker handles a Redis that stays away.
     """
 
     name = "redis"
 
-    def __init__(self, url: str, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, timeout_s: float, max_connections: int = 200, health_check_s: float = 10.0
+    ) -> None:
         self.timeout_s = timeout_s
+        self.max_connections = max_connections
         self.client = Redis.from_url(
             url,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            health_check_interval=health_check_s,
+            max_connections=max_connections,
         )
+        # Operations beyond the pool wait here for a connection, never on redis-py's pool
+        # (which raises MaxConnectionsError, a ConnectionError, when it is exhausted).
+        self._slots = asyncio.Semaphore(max_connections)
+
+    async def _run(self, operation: str, command: Callable[[], Awaitable[object]]) -> object:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise CacheError(
+                f"redis {operation}: all {self.max_connections} connections stayed busy for "
+                f"{self.timeout_s * 1000:.0f} ms (MULTVAE_REDIS_MAX_CONNECTIONS)"
+            ) from None
+        try:
+            # A retried operation may take a failed try, a reconnect and the command.
+            async with asyncio.timeout(self.timeout_s * 3):
+                return await command()
+        except MaxConnectionsError as exc:
+            raise CacheError(f"redis {operation}: connection pool exhausted: {exc}") from exc
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            raise CacheUnavailableError(
+                f"redis {operation} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        except RedisError as exc:
+            raise CacheError(f"redis {operation} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._slots.release()
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            async with asyncio.timeout(self.timeout_s * 2):
-                value = await self.client.get(key)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise CacheError(f"redis GET failed: {type(exc).__name__}: {exc}") from exc
+        value = await self._run("GET", lambda: self.client.get(key))
         if value is None or isinstance(value, bytes):
             return value
         return str(value).encode()
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        try:
-            async with asyncio.timeout(self.timeout_s * 2):
-                await self.client.set(key, value, px=max(1, round(ttl_s * 1000)))
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise CacheError(f"redis SET failed: {type(exc).__name__}: {exc}") from exc
+        px = max(1, round(ttl_s * 1000))
+        await self._run("SET", lambda: self.client.set(key, value, px=px))
 
     async def close(self) -> None:
         # Closing the client of a dead server is not an error.
@@ -143,7 +185,13 @@ class RedisCache:
 
 
 class GuardedCache:
-    """Counts hits, misses and errors; turns every backend failure into a miss."""
+    """Counts hits, misses and errors; turns every backend failure into a miss.
+
+    The breaker is closed (every operation goes to the backend) until a
+    :class:`CacheUnavailableError`; then it is open for ``breaker_s`` seconds, after which one
+    operation at a time probes the backend while the others still skip it. A probe that
+    gets any answer from the backend closes the breaker; one that cannot reopens it.
+    """
 
     def __init__(
         self,
@@ -156,35 +204,59 @@ class GuardedCache:
         self.metrics = metrics
         self.breaker_s = breaker_s
         self._clock = clock
-        self._open_until = 0.0
+        self._open_until: float | None = None  # None: the breaker is closed
+        self._probing = False
+        self._warned_at = -math.inf
 
     @property
     def name(self) -> str:
         return self.backend.name
 
-    def _open(self) -> bool:
-        if self._open_until > self._clock():
+    def _skip(self) -> bool:
+        """Whether to bypass the backend; claims the probe when one is due."""
+        if self._open_until is None:
+            return False
+        if self._probing or self._clock() < self._open_until:
             self.metrics.cache_bypassed.inc()
             return True
+        self._probing = True
         return False
+
+    def _answered(self) -> None:
+        self._probing = False
+        if self._open_until is not None:
+            self._open_until = None
+            log.info("cache %s answers again: using it", self.name)
 
     def _failed(self, operation: str, exc: CacheError) -> None:
         self.metrics.cache_errors.labels(operation).inc()
-        if self._open_until <= self._clock():
-            # Logged once per breaker period, not once per request.
+        if not isinstance(exc, CacheUnavailableError):
+            self._answered()  # the backend answered, or was merely busy: not "down"
+            now = self._clock()
+            if now - self._warned_at >= WARN_EVERY_S:
+                self._warned_at = now
+                log.warning("cache %s failed (served as a miss): %s", operation, exc)
+            return
+        self._probing = False
+        if self._open_until is None:
+            # Logged when the breaker opens, not once per request or failed probe.
             log.warning(
-                "cache %s failed, bypassing it for %.1f s: %s", operation, self.breaker_s, exc
-            )
+                "cache %s failed, bypassing it (one probe every %.1f s until it answers): %s",
+                operation, self.breaker_s, exc,
+            )  # fmt: skip
+        else:
+            log.debug("cache probe (%s) failed: %s", operation, exc)
         self._open_until = self._clock() + self.breaker_s
 
     async def get(self, key: str) -> bytes | None:
-        if self._open():
+        if self._skip():
             return None
         try:
             value = await self.backend.get(key)
         except CacheError as exc:
             self._failed("get", exc)
             return None
+        self._answered()
         if value is None:
             self.metrics.cache_misses.inc()
         else:
@@ -192,19 +264,27 @@ class GuardedCache:
         return value
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        if self._open():
+        if self._skip():
             return
         try:
             await self.backend.set(key, value, ttl_s)
         except CacheError as exc:
             self._failed("set", exc)
+            return
+        self._answered()
 
     async def close(self) -> None:
         await self.backend.close()
 
 
-def build_cache(redis_url: str | None, max_entries: int, timeout_s: float) -> Cache:
+def build_cache(
+    redis_url: str | None,
+    max_entries: int,
+    timeout_s: float,
+    max_connections: int = 200,
+    health_check_s: float = 10.0,
+) -> Cache:
     """Redis when a URL is given, else the in-process LRU."""
     if redis_url:
-        return RedisCache(redis_url, timeout_s)
+        return RedisCache(redis_url, timeout_s, max_connections, health_check_s)
     return MemoryCache(max_entries)

@@ -63,9 +63,14 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(default=100_000, ge=0)  # in-process LRU only; 0 = off
     cache_prefix: str = "multvae:rec"
     redis_timeout_ms: float = Field(default=100.0, gt=0.0)
-    # After a Redis failure, skip Redis this long so a dead server costs one timeout, not one
-    # per request.
-    redis_breaker_s: float = Field(default=5.0, ge=0.0)
+    # After Redis could not be reached, skip it and let one request probe it every this many
+    # seconds, so a dead server costs one timeout per period, not one per request.
+    redis_breaker_s: float = Field(default=1.0, ge=0.0)
+    # Connections to Redis; None = redis_pool_size()'s default. Beyond it an operation waits
+    # up to redis_timeout_ms for a free connection (then it is a miss, never "Redis down").
+    redis_max_connections: int | None = Field(default=None, ge=1)
+    # PING a pooled connection idle this long before using it (0 = never).
+    redis_health_check_s: float = Field(default=10.0, ge=0.0)
 
     # Hot reload: poll CURRENT this often (0 = only on SIGHUP or POST /admin/reload).
     reload_interval_s: float = Field(default=10.0, ge=0.0)
@@ -74,6 +79,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = None
     log_level: str = "info"
     access_log: bool = True
+
+    def redis_pool_size(self) -> int:
+        """Enough connections for two batches of the largest size admitted (their lookups and
+        stores go out concurrently), capped by the histories the queue admits."""
+        if self.redis_max_connections is not None:
+            return self.redis_max_connections
+        return min(2 * self.max_batch_requests, self.max_pending)
 
     def inference_threads(self) -> int:
         if self.torch_threads is not None:

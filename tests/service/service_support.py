@@ -150,14 +150,24 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed (CI installs it: apt-get install redis)")
+        self.exe = exe
         self.port = free_port()
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and return once it answers PING."""
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--loglevel", "warning"],
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self._wait_for_ping()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or OOM-killed Redis: every client connection dies with it."""
+        self.proc.kill()
+        self.proc.wait()
 
     @property
     def url(self) -> str:

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 from service_support import RedisServer, free_port
 
-from service.cache import Cache, CacheError, GuardedCache, MemoryCache, RedisCache, cache_key
+from service.cache import (
+    Cache,
+    CacheError,
+    CacheUnavailableError,
+    GuardedCache,
+    MemoryCache,
+    RedisCache,
+    cache_key,
+)
 from service.metrics import Metrics
 from service.recommender import Query
 
@@ -123,21 +131,22 @@ async def test_a_hung_redis_times_out(silent_server: int) -> None:
 class _Flaky:
     name = "flaky"
 
-    def __init__(self) -> None:
+    def __init__(self, error: CacheError | None = None) -> None:
         self.calls = 0
+        self.error = error or CacheUnavailableError("down")
         self.fail = True
         self.data: dict[str, bytes] = {}
 
     async def get(self, key: str) -> bytes | None:
         self.calls += 1
         if self.fail:
-            raise CacheError("down")
+            raise self.error
         return self.data.get(key)
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         self.calls += 1
         if self.fail:
-            raise CacheError("down")
+            raise self.error
         self.data[key] = value
 
     async def close(self) -> None:
@@ -165,6 +174,43 @@ async def test_guard_counts_failures_and_opens_a_circuit() -> None:
     assert sample("multvae_cache_hits_total") == 1
     assert sample("multvae_cache_misses_total") == 1
     assert sample("multvae_cache_errors_total", {"operation": "get"}) == 1
+
+
+async def test_only_connectivity_failures_open_the_circuit() -> None:
+    # An error Redis answered with (or a busy pool) is a miss, but Redis is not "down".
+    backend, metrics = _Flaky(CacheError("OOM command not allowed")), Metrics()
+    guard = GuardedCache(backend, metrics, breaker_s=5.0, clock=lambda: 0.0)
+    for _ in range(3):
+        assert await guard.get("k") is None
+    assert backend.calls == 3
+    assert (
+        metrics.registry.get_sample_value("multvae_cache_errors_total", {"operation": "get"}) == 3
+    )
+    assert metrics.registry.get_sample_value("multvae_cache_bypassed_total") == 0
+
+
+async def test_an_open_circuit_lets_one_probe_through_at_a_time() -> None:
+    now = [0.0]
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    class Slow(_Flaky):
+        async def get(self, key: str) -> bytes | None:
+            self.calls += 1
+            started.set()
+            await gate.wait()
+            return b"v"
+
+    backend, metrics = Slow(), Metrics()
+    guard = GuardedCache(backend, metrics, breaker_s=1.0, clock=lambda: now[0])
+    await guard.set("k", b"v", 60)  # fails: the circuit opens until t = 1
+    now[0] = 1.0
+    probe = asyncio.create_task(guard.get("k"))
+    await started.wait()  # the probe is in the backend
+    assert [await guard.get("k") for _ in range(3)] == [None] * 3  # skipped meanwhile
+    gate.set()
+    assert await probe == b"v"
+    assert await guard.get("k") == b"v"  # closed: everyone uses the backend again
+    assert backend.calls == 3  # the failed set, the probe, the last get
 
 
 def _query(history: list[int], n: int, exclude: list[int]) -> Query:
