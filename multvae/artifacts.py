@@ -148,6 +148,16 @@ def write_version(
             raise FileExistsError(f"model version {final} already exists")
         os.rename(tmp, final)
         _fsync_dir(versions)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, FileExistsError):
+            raise
+        # A full disk or a read-only volume: say where and why, not a serialiser's traceback.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ArtifactError(
+            f"cannot write a model version into {versions}: {why}; nothing was written "
+            "(free space or pick another --out)"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
