@@ -7,6 +7,7 @@ training subcommands do not pay for them here.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -69,6 +70,8 @@ def _settings_errors(errors: Iterable[Mapping[str, Any]], from_command_line: set
     for error in errors:
         field = str(error["loc"][0]) if error.get("loc") else "?"
         value = error.get("input")
+        if field == "redis_url" and isinstance(value, str):
+            value = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", value)  # never print a password
         shown = (
             "(hidden)" if field == "api_key" else repr(value) if isinstance(value, str) else value
         )
@@ -94,6 +97,7 @@ def serve(args: argparse.Namespace) -> int:
     from multvae.device import resolve_device
     from service.app import create_app
     from service.logs import configure_logging
+    from service.registry import load_serving
     from service.settings import Settings
     from service.transport import HttpProtocol
 
@@ -108,13 +112,15 @@ def serve(args: argparse.Namespace) -> int:
         for line in _settings_errors(exc.errors(include_url=False), set(overrides)):
             print(f"multvae serve: error: {line}", file=sys.stderr)
         return 1
-    # Fail before binding the port, with the message rather than a lifespan traceback.
-    resolve_device(settings.device)
+    # Fail before binding the port, with one line rather than a lifespan traceback: the
+    # version CURRENT names must load, verify and fold in to finite scores.
+    device = resolve_device(settings.device)
     if current_version(settings.model_dir) is None:
         raise NoModelError(
             f"{settings.model_dir} has no CURRENT model version: train one first "
             f"(multvae train --out {settings.model_dir}) or point --model-dir elsewhere"
         )
+    load_serving(settings.model_dir, None, device)
     configure_logging(settings.log_level)
     config = uvicorn.Config(
         create_app(settings),
@@ -127,6 +133,10 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=10,
     )
     server = uvicorn.Server(config)
-    server.run()
-    # uvicorn returns normally when startup fails (e.g. the model does not verify).
+    try:
+        server.run()
+    except SystemExit:
+        # uvicorn exits 3 when startup fails (e.g. CURRENT changed to a bad version since the
+        # check above); the log has said why. Our exit code for "could not serve" is 1.
+        return 1
     return 0 if server.started else 1

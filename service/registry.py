@@ -23,6 +23,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -38,6 +39,16 @@ log = logging.getLogger("multvae.registry")
 Trigger = Literal["startup", "poll", "sighup", "admin"]
 
 RETRY_MAX_S = 300.0  # the poller retries a refused version at least this often
+
+
+def load_serving(model_dir: Path, version: str | None, device: torch.device) -> ServingModel:
+    """Blocking: read, verify, rebuild and warm up one version (default: CURRENT's).
+
+    Raises :class:`ArtifactError` when it may not serve, including scores that are not finite.
+    """
+    model = ServingModel(load_version(model_dir, version, device), device)
+    model.warm_up()
+    return model
 
 
 @dataclass(frozen=True)
@@ -80,11 +91,7 @@ class ModelRegistry:
         self._sighup = False
 
     def _load(self, version: str | None) -> ServingModel:
-        """Blocking: read, verify, rebuild and warm up one version (finite scores or refused)."""
-        loaded = load_version(self.settings.model_dir, version, self.device)
-        model = ServingModel(loaded, self.device)
-        model.warm_up()
-        return model
+        return load_serving(self.settings.model_dir, version, self.device)
 
     def _swap(self, model: ServingModel, trigger: Trigger) -> None:
         old = self.current

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +100,29 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Checked here, so a typo is one line at start-up rather than a lifespan traceback.
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "a Redis URL must start with redis://, rediss:// or unix:// "
+                "(e.g. redis://redis:6379/0)"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme != "unix" and (not parts.hostname or port == -1):
+            raise ValueError("a Redis URL needs a host and, if any, a numeric port")
+        db = parts.path.lstrip("/")
+        if parts.scheme != "unix" and db and not db.isdigit():
+            raise ValueError(f"the database after the host must be a number, not {db!r}")
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod
