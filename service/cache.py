@@ -29,7 +29,7 @@ import struct
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from redis.asyncio import Redis
@@ -56,13 +56,17 @@ class CacheUnavailableError(CacheError):
 
 
 class Cache(Protocol):
-    """What the service needs from a cache; implementations raise :class:`CacheError`."""
+    """What the service needs from a cache; implementations raise :class:`CacheError`.
+
+    Keys go in lists, so that a batch request costs one round trip to Redis, not one per
+    history (nor one pooled connection per history).
+    """
 
     name: str
 
-    async def get(self, key: str) -> bytes | None: ...
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def set_many(self, entries: Sequence[tuple[str, bytes]], ttl_s: float) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -94,7 +98,7 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._data)
 
-    async def get(self, key: str) -> bytes | None:
+    def _get(self, key: str) -> bytes | None:
         entry = self._data.get(key)
         if entry is None:
             return None
@@ -105,11 +109,16 @@ class MemoryCache:
         self._data.move_to_end(key)
         return value
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [self._get(key) for key in keys]
+
+    async def set_many(self, entries: Sequence[tuple[str, bytes]], ttl_s: float) -> None:
         if self.max_entries <= 0:
             return
-        self._data[key] = (self._clock() + ttl_s, value)
-        self._data.move_to_end(key)
+        expires = self._clock() + ttl_s
+        for key, value in entries:
+            self._data[key] = (expires, value)
+            self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
 
@@ -168,15 +177,22 @@ class RedisCache:
         finally:
             self._slots.release()
 
-    async def get(self, key: str) -> bytes | None:
-        value = await self._run("GET", lambda: self.client.get(key))
-        if value is None or isinstance(value, bytes):
-            return value
-        return str(value).encode()
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        values = await self._run("MGET", lambda: self.client.mget(list(keys)))
+        assert isinstance(values, list)
+        return [v if v is None or isinstance(v, bytes) else str(v).encode() for v in values]
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+    async def set_many(self, entries: Sequence[tuple[str, bytes]], ttl_s: float) -> None:
         px = max(1, round(ttl_s * 1000))
-        await self._run("SET", lambda: self.client.set(key, value, px=px))
+
+        async def pipelined() -> object:
+            # One round trip for all of them; not a transaction (no MULTI): each SET stands alone.
+            pipe = self.client.pipeline(transaction=False)
+            for key, value in entries:
+                pipe.set(key, value, px=px)
+            return await pipe.execute()
+
+        await self._run("SET", pipelined)
 
     async def close(self) -> None:
         # Closing the client of a dead server is not an error.
@@ -212,12 +228,12 @@ class GuardedCache:
     def name(self) -> str:
         return self.backend.name
 
-    def _skip(self) -> bool:
+    def _skip(self, keys: int) -> bool:
         """Whether to bypass the backend; claims the probe when one is due."""
         if self._open_until is None:
             return False
         if self._probing or self._clock() < self._open_until:
-            self.metrics.cache_bypassed.inc()
+            self.metrics.cache_bypassed.inc(keys)
             return True
         self._probing = True
         return False
@@ -228,8 +244,8 @@ class GuardedCache:
             self._open_until = None
             log.info("cache %s answers again: using it", self.name)
 
-    def _failed(self, operation: str, exc: CacheError) -> None:
-        self.metrics.cache_errors.labels(operation).inc()
+    def _failed(self, operation: str, keys: int, exc: CacheError) -> None:
+        self.metrics.cache_errors.labels(operation).inc(keys)
         if not isinstance(exc, CacheUnavailableError):
             self._answered()  # the backend answered, or was merely busy: not "down"
             now = self._clock()
@@ -248,28 +264,28 @@ class GuardedCache:
             log.debug("cache probe (%s) failed: %s", operation, exc)
         self._open_until = self._clock() + self.breaker_s
 
-    async def get(self, key: str) -> bytes | None:
-        if self._skip():
-            return None
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The cached values, None for a miss; a failure is a miss for every key."""
+        if self._skip(len(keys)):
+            return [None] * len(keys)
         try:
-            value = await self.backend.get(key)
+            values = await self.backend.get_many(keys)
         except CacheError as exc:
-            self._failed("get", exc)
-            return None
+            self._failed("get", len(keys), exc)
+            return [None] * len(keys)
         self._answered()
-        if value is None:
-            self.metrics.cache_misses.inc()
-        else:
-            self.metrics.cache_hits.inc()
-        return value
+        hits = sum(v is not None for v in values)
+        self.metrics.cache_hits.inc(hits)
+        self.metrics.cache_misses.inc(len(values) - hits)
+        return values
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        if self._skip():
+    async def set_many(self, entries: Sequence[tuple[str, bytes]], ttl_s: float) -> None:
+        if self._skip(len(entries)):
             return
         try:
-            await self.backend.set(key, value, ttl_s)
+            await self.backend.set_many(entries, ttl_s)
         except CacheError as exc:
-            self._failed("set", exc)
+            self._failed("set", len(entries), exc)
             return
         self._answered()
 

@@ -6,7 +6,6 @@ model is read once per request, so a hot swap never changes the version under a 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -106,12 +105,8 @@ class Pipeline:
         return bodies
 
     async def _lookup(self, keys: list[str]) -> list[Ranked | None]:
-        if len(keys) == 1:  # the common case, without gather's task overhead
-            raw = [await self.cache.get(keys[0])]
-        else:
-            raw = await asyncio.gather(*(self.cache.get(k) for k in keys))
         out: list[Ranked | None] = []
-        for value in raw:
+        for value in await self.cache.get_many(keys):
             try:
                 out.append(None if value is None else Ranked.from_json(orjson.loads(value)))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -119,11 +114,5 @@ class Pipeline:
         return out
 
     async def _store(self, keys: list[str], ranked: list[Ranked]) -> None:
-        ttl = self.settings.cache_ttl_s
         values = [orjson.dumps(r.to_json()) for r in ranked]
-        if len(keys) == 1:
-            await self.cache.set(keys[0], values[0], ttl)
-        else:
-            await asyncio.gather(
-                *(self.cache.set(k, v, ttl) for k, v in zip(keys, values, strict=True))
-            )
+        await self.cache.set_many(list(zip(keys, values, strict=True)), self.settings.cache_ttl_s)

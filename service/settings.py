@@ -82,11 +82,12 @@ class Settings(BaseSettings):
     access_log: bool = True
 
     def redis_pool_size(self) -> int:
-        """Enough connections for two batches of the largest size admitted (their lookups and
-        stores go out concurrently), capped by the histories the queue admits."""
+        """One connection per history the queue admits: a request (single or batch) uses one
+        connection per round trip, so every admitted request can reach Redis at once. The
+        pool opens connections only as concurrency needs them."""
         if self.redis_max_connections is not None:
             return self.redis_max_connections
-        return min(2 * self.max_batch_requests, self.max_pending)
+        return self.max_pending
 
     def inference_threads(self) -> int:
         if self.torch_threads is not None:

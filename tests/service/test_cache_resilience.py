@@ -41,11 +41,11 @@ async def test_a_redis_restart_costs_no_failed_operation(private_redis: RedisSer
     cache = GuardedCache(RedisCache(private_redis.url, timeout_s=1.0), metrics, breaker_s=1.0)
     keys = [f"k{i}" for i in range(30)]
     # Thirty concurrent operations leave thirty pooled connections behind.
-    await asyncio.gather(*(cache.set(k, b"before", 60) for k in keys))
+    await asyncio.gather(*(cache.set_many([(k, b"before")], 60) for k in keys))
     private_redis.kill()
     private_redis.start()  # same port, empty: every pooled connection is now dead
-    await asyncio.gather(*(cache.set(k, b"after", 60) for k in keys))
-    assert await asyncio.gather(*(cache.get(k) for k in keys)) == [b"after"] * len(keys)
+    await asyncio.gather(*(cache.set_many([(k, b"after")], 60) for k in keys))
+    assert await asyncio.gather(*(cache.get_many([k]) for k in keys)) == [[b"after"]] * len(keys)
     assert _errors(metrics) == 0
     assert _count(metrics, "multvae_cache_bypassed_total") == 0
     assert _count(metrics, "multvae_cache_hits_total") == len(keys)
@@ -61,20 +61,20 @@ async def test_hits_come_back_within_one_breaker_period_of_redis_answering(
     assert breaker_s <= 2.0  # the default brings hits back within 2 s of Redis answering
     backend = RedisCache(private_redis.url, timeout_s=0.5)
     cache = GuardedCache(backend, metrics, breaker_s=breaker_s, clock=lambda: now[0])
-    await cache.set("k", b"v", 60)
+    await cache.set_many([("k", b"v")], 60)
     private_redis.kill()
-    assert await cache.get("k") is None  # Redis is down: a miss, the breaker opens
+    assert (await cache.get_many(["k"]))[0] is None  # Redis is down: a miss, the breaker opens
     assert _count(metrics, "multvae_cache_errors_total", {"operation": "get"}) == 1
     now[0] = breaker_s  # a probe while Redis is still down: reopens, one more error only
-    assert await cache.get("k") is None
-    assert await cache.get("k") is None  # skipped: another probe is not due yet
+    assert (await cache.get_many(["k"]))[0] is None
+    assert (await cache.get_many(["k"]))[0] is None  # skipped: another probe is not due yet
     assert _count(metrics, "multvae_cache_errors_total", {"operation": "get"}) == 2
     private_redis.start()  # Redis answers again at now = breaker_s
     await backend.client.set("k", b"v")  # (restarted empty; as a neighbour replica refills it)
-    assert await cache.get("k") is None  # inside the breaker period: still skipped
+    assert (await cache.get_many(["k"]))[0] is None  # inside the breaker period: still skipped
     now[0] = 2 * breaker_s  # one breaker period after Redis answered: the probe hits
-    assert await cache.get("k") == b"v"
-    assert await cache.get("k") == b"v"  # closed again: every request uses Redis
+    assert (await cache.get_many(["k"]))[0] == b"v"
+    assert (await cache.get_many(["k"]))[0] == b"v"  # closed again: every request uses Redis
     assert _count(metrics, "multvae_cache_hits_total") == 2
     await cache.close()
 
@@ -84,16 +84,17 @@ async def test_more_concurrent_operations_than_connections_wait_never_bypass(
 ) -> None:
     import asyncio
 
-    settings = Settings(redis_url=redis_server.url)
+    settings = Settings(redis_url=redis_server.url, redis_max_connections=20)
     size = settings.redis_pool_size()
     metrics = Metrics()
     backend = build_cache(settings.redis_url, 0, 1.0, size, settings.redis_health_check_s)
     cache = GuardedCache(backend, metrics, breaker_s=5.0)
     prefix = uuid.uuid4().hex
-    # Five batches of the documented maximum, at once: 2.5x the pool.
-    keys = [f"{prefix}:{i}" for i in range(5 * settings.max_batch_requests)]
-    await asyncio.gather(*(cache.set(k, k.encode(), 60) for k in keys))
-    assert await asyncio.gather(*(cache.get(k) for k in keys)) == [k.encode() for k in keys]
+    # More single-key calls at once than the pool has connections: they wait for one.
+    keys = [f"{prefix}:{i}" for i in range(size + size // 2)]
+    await asyncio.gather(*(cache.set_many([(k, k.encode())], 60) for k in keys))
+    got = await asyncio.gather(*(cache.get_many([k]) for k in keys))
+    assert got == [[k.encode()] for k in keys]
     assert _errors(metrics) == 0
     assert _count(metrics, "multvae_cache_bypassed_total") == 0
     await cache.close()
