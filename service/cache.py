@@ -178,11 +178,15 @@ class RedisCache:
             self._slots.release()
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []  # MGET with no key is an error, not an empty answer
         values = await self._run("MGET", lambda: self.client.mget(list(keys)))
         assert isinstance(values, list)
         return [v if v is None or isinstance(v, bytes) else str(v).encode() for v in values]
 
     async def set_many(self, entries: Sequence[tuple[str, bytes]], ttl_s: float) -> None:
+        if not entries:
+            return
         px = max(1, round(ttl_s * 1000))
 
         async def pipelined() -> object:

@@ -305,7 +305,7 @@ def _collect_garbage(model_dir: Path, keep: int) -> list[str]:
     try:
         remove_stale_temporaries(model_dir / REPORTS, ".retrain-*.tmp-*")
         return remove_old_versions(model_dir, keep)
-    except OSError as exc:
+    except (OSError, MultVAEError) as exc:  # e.g. CURRENT unreadable: then nothing is deleted
         log.warning("garbage collection of old versions failed: %s", exc)
         return []
 

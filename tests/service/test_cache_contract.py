@@ -86,6 +86,8 @@ async def test_many_keys_in_one_call(make_cache: Callable[[], Cache]) -> None:
     a, b, c = _key(), _key(), _key()
     await cache.set_many([(a, b"1"), (b, b"2")], ttl_s=60)
     assert await cache.get_many([b, c, a]) == [b"2", None, b"1"]
+    assert await cache.get_many([]) == []
+    await cache.set_many([], ttl_s=60)
     await cache.close()
 
 
