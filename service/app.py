@@ -61,8 +61,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = ModelRegistry(settings, device, metrics)
     await registry.load_initial()
     backend = build_cache(
-        settings.redis_url, settings.cache_max_entries, settings.redis_timeout_ms / 1000
-    )
+        settings.redis_url, settings.cache_max_entries, settings.redis_timeout_ms / 1000,
+        settings.redis_pool_size(), settings.redis_health_check_s,
+    )  # fmt: skip
     cache = GuardedCache(backend, metrics, settings.redis_breaker_s)
     batcher = MicroBatcher(
         metrics, settings.batch_max_size, settings.batch_wait_ms / 1000, settings.max_pending

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -85,6 +86,8 @@ def _settings_errors(errors: Iterable[Mapping[str, Any]], from_command_line: set
     for error in errors:
         field = str(error["loc"][0]) if error.get("loc") else "?"
         value = error.get("input")
+        if field == "redis_url" and isinstance(value, str):
+            value = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", value)  # never print a password
         shown = (
             "(hidden)" if field == "api_key" else repr(value) if isinstance(value, str) else value
         )
@@ -114,6 +117,7 @@ def serve(args: argparse.Namespace) -> int:
     from multvae.artifacts import current_version
     from multvae.device import resolve_device
     from service.logs import configure_logging
+    from service.registry import load_serving
     from service.settings import Settings, usable_cpus
 
     overrides: dict[str, Any] = {
@@ -127,29 +131,35 @@ def serve(args: argparse.Namespace) -> int:
         for line in _settings_errors(exc.errors(include_url=False), set(overrides)):
             print(f"multvae serve: error: {line}", file=sys.stderr)
         return 1
-    # Fail before binding the port, with the message rather than a lifespan traceback.
-    resolve_device(settings.device)
+    # Fail before binding the port, with one line rather than a lifespan traceback: the
+    # version CURRENT names must load, verify and fold in to finite scores.
+    device = resolve_device(settings.device)
     if current_version(settings.model_dir) is None:
         raise NoModelError(
             f"{settings.model_dir} has no CURRENT model version: train one first "
             f"(multvae train --out {settings.model_dir}) or point --model-dir elsewhere"
         )
+    load_serving(settings.model_dir, None, device)
     for name, value in overrides.items():
         os.environ[f"MULTVAE_{name.upper()}"] = str(value)
     if args.workers > 1 and settings.torch_threads is None:
         # N processes with every core each would oversubscribe the CPU N times over.
         os.environ["MULTVAE_TORCH_THREADS"] = str(max(1, usable_cpus() // args.workers))
     configure_logging(settings.log_level)
-    # On a startup failure (e.g. the model does not verify) uvicorn exits with status 3.
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+    try:
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=10,
+        )
+    except SystemExit as exc:
+        # uvicorn exits 3 when startup fails (e.g. CURRENT changed to a bad version since the
+        # check above); the log has said why. Our exit code for "could not serve" is 1.
+        return 1 if exc.code else 0
     return 0

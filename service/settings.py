@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,18 +64,30 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(default=100_000, ge=0)  # in-process LRU only; 0 = off
     cache_prefix: str = "multvae:rec"
     redis_timeout_ms: float = Field(default=100.0, gt=0.0)
-    # After a Redis failure, skip Redis this long so a dead server costs one timeout, not one
-    # per request.
-    redis_breaker_s: float = Field(default=5.0, ge=0.0)
+    # After Redis could not be reached, skip it and let one request probe it every this many
+    # seconds, so a dead server costs one timeout per period, not one per request.
+    redis_breaker_s: float = Field(default=1.0, ge=0.0)
+    # Connections to Redis; None = redis_pool_size()'s default. Beyond it an operation waits
+    # up to redis_timeout_ms for a free connection (then it is a miss, never "Redis down").
+    redis_max_connections: int | None = Field(default=None, ge=1)
+    # PING a pooled connection idle this long before using it (0 = never).
+    redis_health_check_s: float = Field(default=10.0, ge=0.0)
 
     # Hot reload: poll CURRENT this often (0 = only on SIGHUP or POST /admin/reload).
     reload_interval_s: float = Field(default=10.0, ge=0.0)
-    warmup: bool = True
     gc_freeze: bool = True  # see service.app; tests that build many apps in one process opt out
 
     api_key: SecretStr | None = None
     log_level: str = "info"
     access_log: bool = True
+
+    def redis_pool_size(self) -> int:
+        """One connection per history the queue admits: a request (single or batch) uses one
+        connection per round trip, so every admitted request can reach Redis at once. The
+        pool opens connections only as concurrency needs them."""
+        if self.redis_max_connections is not None:
+            return self.redis_max_connections
+        return self.max_pending
 
     def inference_threads(self) -> int:
         if self.torch_threads is not None:
@@ -88,6 +101,29 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        # Checked here, so a typo is one line at start-up rather than a lifespan traceback.
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                "a Redis URL must start with redis://, rediss:// or unix:// "
+                "(e.g. redis://redis:6379/0)"
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme != "unix" and (not parts.hostname or port == -1):
+            raise ValueError("a Redis URL needs a host and, if any, a numeric port")
+        db = parts.path.lstrip("/")
+        if parts.scheme != "unix" and db and not db.isdigit():
+            raise ValueError(f"the database after the host must be a number, not {db!r}")
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod
