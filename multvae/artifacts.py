@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -131,6 +132,9 @@ def write_version(
             **(extra_config or {}),
         }
         _write_json(tmp / CONFIG, config)
+        # safetensors writes its file 0600; give it the mode every other file gets (the
+        # umask's), so a service running as another user of the group can read all of them.
+        os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / CONFIG).stat().st_mode))
         items.save(tmp / ITEMS)
         _write_json(tmp / METRICS, metrics)
         if write_extra is not None:

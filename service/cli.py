@@ -146,6 +146,7 @@ def serve(args: argparse.Namespace) -> int:
         # N processes with every core each would oversubscribe the CPU N times over.
         os.environ["MULTVAE_TORCH_THREADS"] = str(max(1, usable_cpus() // args.workers))
     configure_logging(settings.log_level)
+    _raise_open_files_limit()
     try:
         uvicorn.run(
             "service.app:create_app",
@@ -157,9 +158,24 @@ def serve(args: argparse.Namespace) -> int:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=10,
+            # h11, not httptools: only h11 bounds a request head (httptools buffers headers
+            # of any size); both bound nothing else, the app's middleware bounds the body.
+            http="h11",
+            h11_max_incomplete_event_size=settings.max_header_bytes,
+            timeout_keep_alive=settings.keep_alive_s,
         )
     except SystemExit as exc:
         # uvicorn exits 3 when startup fails (e.g. CURRENT changed to a bad version since the
         # check above); the log has said why. Our exit code for "could not serve" is 1.
         return 1 if exc.code else 0
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: every idle or slow client holds a
+    descriptor, and a soft limit of 256-1024 would let a few hundred of them starve /healthz."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

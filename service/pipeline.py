@@ -66,8 +66,11 @@ class Pipeline:
             raise NotReadyError("no model is loaded yet")
         return served
 
-    async def recommend(self, queries: Sequence[Query], strict: bool) -> Answer:
-        """Recommendations for ``queries``; cache misses share one forward pass."""
+    async def recommend(
+        self, queries: Sequence[Query], strict: bool, client: str = ""
+    ) -> Answer:
+        """Recommendations for ``queries``; cache misses share one forward pass, in which
+        ``client`` (who asks) may hold only its fair share of the queue."""
         recommender = self.served().recommender
         unknown = [recommender.unknown(q.items) for q in queries]
         unknown_count = sum(len(u) for u in unknown)
@@ -80,7 +83,7 @@ class Pipeline:
         found = [None if v is None else _from_json(v) for v in await self.cache.get_many(keys)]
         misses = [i for i, hit in enumerate(found) if hit is None]
         if misses:
-            fresh = await self.batcher.submit(recommender, [queries[i] for i in misses])
+            fresh = await self.batcher.submit(recommender, [queries[i] for i in misses], client)
             for i, rec in zip(misses, fresh, strict=True):
                 found[i] = rec
             await self.cache.set_many(

@@ -47,12 +47,23 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     strict: bool = False  # default for requests that do not say ?strict=
 
+    # Connection limits (every connection, before any authentication). `multvae serve` runs
+    # uvicorn's h11 protocol, which refuses a request head (request line + headers) above
+    # max_header_bytes with a 400 at once; keep_alive_s closes a connection idle between
+    # requests; a request body that stops arriving for body_timeout_s is answered 408.
+    max_header_bytes: int = Field(default=16_384, ge=1024)
+    keep_alive_s: int = Field(default=5, ge=1)
+    body_timeout_s: float = Field(default=10.0, gt=0.0)
+
     # Micro-batching: wait at most batch_wait_ms for more requests, up to batch_max_size rows.
     batch_wait_ms: float = Field(default=2.0, ge=0.0)
     batch_max_size: int = Field(default=64, ge=1)
     # Load shedding: above this many histories waiting for a forward pass, answer 503 at once
     # (with Retry-After) instead of letting the queue, and every request's latency, grow.
     max_pending: int = Field(default=1024, ge=1)
+    # Fair share: one client (API key presented, else peer address) may hold at most this
+    # fraction of max_pending, so one heavy caller is shed before everyone else is.
+    max_pending_share: float = Field(default=0.25, gt=0.0, le=1.0)
     # Threads inside one forward pass; None = every usable core. The event loop mostly waits
     # while a pass runs: on a quiet 2-core machine two threads doubled cache-miss throughput at
     # concurrency 32 (bench/RESULTS.md). On a box shared with other busy processes, 1 is better.
@@ -94,12 +105,31 @@ class Settings(BaseSettings):
             return self.torch_threads
         return usable_cpus()
 
-    @field_validator("redis_url", "api_key", mode="before")
+    @field_validator("redis_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # MULTVAE_REDIS_URL= (empty) in a compose file means "no Redis", not a broken URL.
         if isinstance(value, str) and not value.strip():
             return None
+        return value
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _usable_key(cls, value: object) -> object:
+        # Unset or empty (MULTVAE_API_KEY= in a compose file) means "auth off", which start-up
+        # logs. Whitespace only is never a deliberate choice (a typo, a template that rendered
+        # a space): refuse it rather than turn auth off silently.
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value == "":
+            return None
+        if isinstance(value, str):
+            if not value.strip():
+                raise ValueError(
+                    "the API key is empty or blank: set a key (surrounding whitespace is "
+                    "ignored) or unset MULTVAE_API_KEY to run without authentication"
+                )
+            return value.strip()
         return value
 
     @field_validator("redis_url")
