@@ -157,7 +157,7 @@ def serve(args: argparse.Namespace) -> int:
             log_config=None,
             access_log=False,
             server_header=False,
-            timeout_graceful_shutdown=10,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
             # h11, not httptools: only h11 bounds a request head (httptools buffers headers
             # of any size); both bound nothing else, the app's middleware bounds the body.
             http="h11",

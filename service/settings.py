@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=16_384, ge=1024)
     keep_alive_s: int = Field(default=5, ge=1)
     body_timeout_s: float = Field(default=10.0, gt=0.0)
+    # On SIGTERM: stop accepting, let requests in flight finish for this long, then answer
+    # what still runs (e.g. an upload in progress) 503. Below the orchestrator's grace period.
+    shutdown_grace_s: int = Field(default=10, ge=1)
 
     # Micro-batching: wait at most batch_wait_ms for more requests, up to batch_max_size rows.
     batch_wait_ms: float = Field(default=2.0, ge=0.0)
