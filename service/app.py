@@ -104,6 +104,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Mult-VAE fold-in recommendations: click history in, top-N items out.",
         lifespan=lifespan,
+        # Served by service.routes instead, so that the request metrics name them.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics

@@ -10,6 +10,8 @@ from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -276,6 +278,18 @@ async def recommend_batch(
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
+
+
+# The API's own document and UI as plain routes (FastAPI's built-in ones are not routes the
+# request metrics can name: they would all count as "unmatched").
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="multvae-rec API")
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})

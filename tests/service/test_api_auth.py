@@ -6,8 +6,8 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from pydantic import ValidationError
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from service_support import IDS, Trained, make_settings
 
 from service import routes
