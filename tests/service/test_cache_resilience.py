@@ -107,7 +107,7 @@ def test_a_burst_of_maximum_batches_through_the_app_never_bypasses_the_cache(
     # to open a few hundred connections at once.
     settings = make_settings(
         model_dir, redis_url=redis_server.url, cache_prefix=f"t{uuid.uuid4().hex[:8]}",
-        redis_timeout_ms=2000,
+        redis_timeout_ms=2000, max_pending_share=1.0,  # one test client sends all four
     )  # fmt: skip
     batch = settings.max_batch_requests
     histories = [
