@@ -1,6 +1,7 @@
 """Faults under HTTP load against a real `multvae serve` (issue 11): each scenario prints JSON
 with what it counted, and says whether the outcome was the expected one.
 
+    python bench/chaos.py edge         # /healthz under 1 MB headers and slowloris, scrapes
     python bench/chaos.py soak --seconds 600 --rate 40   # RSS growth < 5 %, no error
     python bench/chaos.py redis        # Redis SIGKILL + restart under load
     python bench/chaos.py swap         # model versions promoted + reloaded under load
@@ -26,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +40,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # The process fixtures of the test suite, so the bench and the tests start the same server.
 sys.path[:0] = [str(ROOT / "tests" / "reliability"), str(ROOT / "tests" / "service")]
 
-from reliability_support import ITEM_IDS, KEY, MULTVAE, Server, write_model  # noqa: E402
+from reliability_support import (  # noqa: E402
+    ITEM_IDS,
+    KEY,
+    MULTVAE,
+    Server,
+    exchange,
+    status_of,
+    write_model,
+)
 from service_support import RedisServer  # noqa: E402
 
 from multvae.artifacts import (  # noqa: E402
@@ -342,7 +352,80 @@ def retrain_kill(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
 
 
+def _latencies_ms(
+    client: httpx.Client, path: str, n: int, json: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """p50 and max of ``n`` sequential requests (a POST of ``json`` when given), in ms."""
+    times = []
+    for _ in range(n):
+        tic = time.perf_counter()
+        response = client.get(path) if json is None else client.post(path, json=json)
+        times.append((time.perf_counter() - tic) * 1000)
+        assert response.status_code == 200, response.text
+    times.sort()
+    return {"p50": round(times[n // 2], 2), "max": round(times[-1], 2)}
+
+
+def edge(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """/healthz while 1 MB headers arrive and while 250 slowloris clients hold connections;
+    cache-hit latency while 4 clients scrape /metrics in a loop."""
+    server = _server(tmp)
+    out: dict[str, Any] = {"scenario": "edge"}
+    client = server.http
+    hit = {"items": ITEM_IDS[:3], "n": 20}
+    try:
+        out["healthz_idle_ms"] = _latencies_ms(client, "/healthz", 50)
+        stop = threading.Event()
+        answers: Counter[str] = Counter()
+
+        def big_headers() -> None:
+            head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n"
+            while not stop.is_set():
+                answers[str(status_of(exchange(server, head)))] += 1
+
+        sender = threading.Thread(target=big_headers)
+        sender.start()
+        out["healthz_during_1mb_headers_ms"] = _latencies_ms(client, "/healthz", 50)
+        stop.set()
+        sender.join()
+        out["1mb_header_answers"] = dict(answers)
+        held = []
+        for _ in range(250):
+            sock = server.connect()
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            held.append(sock)
+        out["healthz_with_250_slowloris_ms"] = _latencies_ms(client, "/healthz", 50)
+        for sock in held:
+            sock.close()
+        client.post("/recommend", json=hit)  # now cached
+        out["hit_idle_ms"] = _latencies_ms(client, "/recommend", 100, json=hit)
+        stop.clear()
+
+        def scrape() -> None:
+            with httpx.Client(base_url=server.url, headers={"X-API-Key": KEY}) as c:
+                while not stop.is_set():
+                    c.get("/metrics")
+
+        scrapers = [threading.Thread(target=scrape) for _ in range(4)]
+        for t in scrapers:
+            t.start()
+        out["hit_with_4_metrics_scrapers_ms"] = _latencies_ms(client, "/recommend", 100, json=hit)
+        stop.set()
+        for t in scrapers:
+            t.join()
+        out["metrics_bytes"] = len(client.get("/metrics").content)
+    finally:
+        out["exit_code"] = server.stop()
+    out["traceback_in_log"] = "Traceback" in server.output()
+    out["expected"] = (
+        out["healthz_during_1mb_headers_ms"]["max"] < 50
+        and out["healthz_with_250_slowloris_ms"]["max"] < 50
+    )
+    return out
+
+
 SCENARIOS = {
+    "edge": edge,
     "soak": soak,
     "redis": redis_fault,
     "swap": swap,
