@@ -14,9 +14,9 @@ word them. Plain exceptions: the domain modules raise them without importing the
 
 Framework errors are rendered the same way: validation (422; malformed JSON 400, a body that is
 not JSON 415), strict mode's unknown ids (422), unknown route (404), wrong method (405), a
-body above the limit (413), a body that stops arriving (408). Unexpected exceptions become a JSON 500 in the request
-middleware (:mod:`service.middleware`); client input never reaches that path, and a client
-that hangs up mid-body is recorded there as 499 with nothing sent.
+body above the limit (413), a body that stops arriving (408). Unexpected exceptions become
+a JSON 500 in the request middleware (:mod:`service.middleware`); client input never reaches
+that path, and a client that hangs up mid-body is recorded there as 499 with nothing sent.
 Messages name the field and the value and say what is accepted.
 """
 

@@ -59,6 +59,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
              "content_type_conformance,status_code_conformance",
              "--max-examples", "25", "--seed", "1", "--no-color"],
             capture_output=True, text=True, timeout=600, check=False,
+            cwd=tmp_path,  # its cache directory goes there, not into the checkout
         )  # fmt: skip
     finally:
         server.stop()
