@@ -219,12 +219,20 @@ def _get(port: int, path: str) -> str:
 
 
 class Process:
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int | None) -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log: Path,
+        port: int | None,
+        cwd: Path | None = None,
+    ) -> None:
         self.port = port
         self.log_path = log
         self.log = log.open("wb")
+        # cwd: `python -m` puts the working directory before PYTHONPATH on sys.path.
         self.proc = subprocess.Popen(
-            argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+            argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd
         )
         if port is None:
             return
@@ -435,13 +443,13 @@ def run(args: argparse.Namespace) -> None:
         batch_seen = 1
         for workers in args.workers:
             port = _free_port()
-            argv = [*bench.server_cpus, sys.executable, "-m", "multvae.cli", "serve",
+            argv = [*bench.server_cpus, sys.executable, "-m", "multvae_cli", "serve",
                     "--model-dir", str(model_dir), "--device", "cpu",
                     "--port", str(port)]  # fmt: skip
             argv += ["--workers", str(workers)] if workers > 1 else []
             label = f"service, {workers} worker{'s' * (workers > 1)}"
             print(f"{label}:", flush=True)
-            server = Process(argv, env, work / f"service-{workers}.log", port)
+            server = Process(argv, env, work / f"service-{workers}.log", port, cwd=source)
             bench.workers = workers
             try:
                 bench.step(server, "miss", 20, 2.0)  # unrecorded: lazy initialisation

@@ -7,7 +7,6 @@ module knows nothing of HTTP: the routes turn an :class:`Answer` into a response
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,8 +66,11 @@ class Pipeline:
             raise NotReadyError("no model is loaded yet")
         return served
 
-    async def recommend(self, queries: Sequence[Query], strict: bool) -> Answer:
-        """Recommendations for ``queries``; cache misses share one forward pass."""
+    async def recommend(
+        self, queries: Sequence[Query], strict: bool, client: str = ""
+    ) -> Answer:
+        """Recommendations for ``queries``; cache misses share one forward pass, in which
+        ``client`` (who asks) may hold only its fair share of the queue."""
         recommender = self.served().recommender
         unknown = [recommender.unknown(q.items) for q in queries]
         unknown_count = sum(len(u) for u in unknown)
@@ -78,13 +80,16 @@ class Pipeline:
                 raise UnknownItemsError(recommender.version, unknown)
         prefix = self.settings.cache_prefix
         keys = [cache_key(prefix, recommender.version, q) for q in queries]
-        found = [None if v is None else _from_json(v) for v in await self._gather_get(keys)]
+        found = [None if v is None else _from_json(v) for v in await self.cache.get_many(keys)]
         misses = [i for i, hit in enumerate(found) if hit is None]
         if misses:
-            fresh = await self.batcher.submit(recommender, [queries[i] for i in misses])
+            fresh = await self.batcher.submit(recommender, [queries[i] for i in misses], client)
             for i, rec in zip(misses, fresh, strict=True):
                 found[i] = rec
-            await self._gather_set([keys[i] for i in misses], [_to_json(r) for r in fresh])
+            await self.cache.set_many(
+                [(keys[i], _to_json(r)) for i, r in zip(misses, fresh, strict=True)],
+                self.settings.cache_ttl_s,
+            )
         recommendations = [rec for rec in found if rec is not None]
         for rec in recommendations:
             if rec.fallback is not None:
@@ -92,12 +97,3 @@ class Pipeline:
         missed = set(misses)
         cached = [i not in missed for i in range(len(queries))]
         return Answer(recommender.version, recommendations, cached)
-
-    async def _gather_get(self, keys: list[str]) -> list[bytes | None]:
-        return list(await asyncio.gather(*(self.cache.get(k) for k in keys)))
-
-    async def _gather_set(self, keys: list[str], values: list[bytes]) -> None:
-        ttl = self.settings.cache_ttl_s
-        await asyncio.gather(
-            *(self.cache.set(k, v, ttl) for k, v in zip(keys, values, strict=True))
-        )

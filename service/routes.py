@@ -3,23 +3,30 @@ the pipeline and the API-key check, and whose bodies FastAPI and pydantic valida
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import json
 from collections import Counter
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from multvae import recommend
 from service.errors import (
     AdminDisabledError,
     FieldError,
     InvalidRequestError,
+    MalformedJSONError,
     NotReadyError,
     ReloadRefusedError,
     UnauthorizedError,
+    shown,
 )
+from service.metrics import Exposition
 from service.middleware import AccessInfo
 from service.pipeline import Answer, Pipeline, UnknownItemsError
 from service.schemas import (
@@ -71,25 +78,54 @@ def check_key(settings: Settings, presented: str | None) -> None:
         )
 
 
+def _presented(key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
+    """The key a request carries: X-API-Key, else the bearer token; both trimmed (HTTP drops
+    a header value's surrounding whitespace), an empty value counts as absent."""
+    for value in (key, bearer.credentials if bearer is not None else None):
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
 async def presented_key(request: Request) -> str | None:
     """The key a request carries, in X-API-Key or as a bearer token."""
-    key = await API_KEY(request)
-    if key is None:
-        bearer = await BEARER(request)
-        key = bearer.credentials if bearer is not None else None
-    return key
+    return _presented(await API_KEY(request), await BEARER(request))
 
 
 async def require_key(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
     """The API key, enforced only when MULTVAE_API_KEY is set."""
-    check_key(settings, key if key is not None else bearer.credentials if bearer else None)
+    check_key(settings, _presented(key, bearer))
 
 
 async def require_admin(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
     """Admin endpoints never run unauthenticated: without a key they are off."""
     if settings.api_key is None:
         raise AdminDisabledError("admin endpoints are disabled: set MULTVAE_API_KEY to enable them")
-    check_key(settings, key if key is not None else bearer.credentials if bearer else None)
+    check_key(settings, _presented(key, bearer))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise MalformedJSONError(
+                f"duplicate key {shown(key)} in a JSON object: send each key once (parsers "
+                "disagree on which copy wins, so a proxy could see another request)"
+            )
+        seen[key] = value
+    return seen
+
+
+async def reject_duplicate_keys(request: Request) -> None:
+    """400 for a body whose objects repeat a key: ``{"items": [1], "items": [2]}``.
+
+    FastAPI has parsed the body already (the last copy wins); this second, strict pass over
+    the same bytes (Starlette caches them) refuses what that parse silently resolved.
+    """
+    body = await request.body()
+    if body:
+        with contextlib.suppress(ValueError):  # not JSON at all: FastAPI has answered that
+            json.loads(body, object_pairs_hook=_unique_keys)
 
 
 Strict = Annotated[
@@ -104,7 +140,9 @@ ERRORS: dict[int | str, dict[str, type[ErrorBody]]] = {
 router = APIRouter()
 # The recommend endpoints need the API key (when configured); app.py checks it before any
 # body error too, so an unauthenticated client learns nothing about what a valid body is.
-recommend_router = APIRouter(dependencies=[Depends(require_key)], responses=ERRORS)
+recommend_router = APIRouter(
+    dependencies=[Depends(require_key), Depends(reject_duplicate_keys)], responses=ERRORS
+)
 
 
 def check_limits(
@@ -144,6 +182,13 @@ def _shown_ids(ids: list[str], limit: int = 20) -> str:
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
+def client_of(request: Request) -> str:
+    """Who asks, for the queue's fair share: the peer address (the real client's when uvicorn
+    trusts a proxy's X-Forwarded-For, --forwarded-allow-ips). Not the API key: one key is
+    shared by every caller of a deployment."""
+    return request.client.host if request.client is not None else ""
+
+
 async def _answer(
     request: Request,
     pipeline: Pipeline,
@@ -154,7 +199,7 @@ async def _answer(
     queries = [recommend.Query(b.items, b.n, b.exclude) for b in bodies]
     try:
         answer = await pipeline.recommend(
-            queries, pipeline.settings.strict if strict is None else strict
+            queries, pipeline.settings.strict if strict is None else strict, client_of(request)
         )
     except UnknownItemsError as exc:
         raise InvalidRequestError.of(
@@ -229,9 +274,22 @@ async def recommend_batch(
 
 
 @router.get("/healthz")
+@router.head("/healthz", operation_id="healthz_head")  # load balancers probe with HEAD too
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
+
+
+# The API's own document and UI as plain routes (FastAPI's built-in ones are not routes the
+# request metrics can name: they would all count as "unmatched").
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="multvae-rec API")
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
@@ -248,11 +306,22 @@ async def model_info(pipeline: PipelineDep) -> ModelInfo:
     return ModelInfo(**pipeline.served().describe())
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_key)],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": f"Prometheus text format ({CONTENT_TYPE_LATEST})",
+        },
+        401: {"model": ErrorBody},
+    },
+)
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition."""
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition; needs the API key when one is configured."""
+    exposition: Exposition = request.app.state.exposition
+    return Response(await exposition.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post(

@@ -392,8 +392,9 @@ def register_retrain(subparsers: Any) -> None:
     g = p.add_argument_group("housekeeping and output")
     g.add_argument(
         "--keep", type=int, default=3,
-        help="garbage collection keeps the newest N versions, and always CURRENT and the "
-        "version it replaced (PREVIOUS, for rollback) (default 3)",
+        help="garbage collection keeps the newest N versions and, always, CURRENT, the version "
+        "it replaced (PREVIOUS, for rollback) and every version written since the last "
+        "promotion (default 3)",
     )  # fmt: skip
     g.add_argument(
         "--keep-refused", action="store_true",

@@ -131,8 +131,9 @@ def _looks_like_triplet(line: str) -> bool:
 def _first_lines(path: Path, n: int) -> list[str]:
     lines: list[str] = []
     with path.open("rb") as fh:
-        for raw in fh:
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+        for lineno, raw in enumerate(fh):
+            # A UTF-8 byte order mark (Excel's "CSV UTF-8") is not part of the first field.
+            text = raw.decode("utf-8-sig" if lineno == 0 else "utf-8", "replace").rstrip("\r\n")
             if text.strip():
                 lines.append(text)
             if len(lines) == n:
@@ -279,10 +280,22 @@ def _pick(names: list[str], given: str | None, candidates: tuple[str, ...], role
 
 def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: str | None,
                 rating_col: str | None) -> Interactions:
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic == b"PAR1":
+        raise DataError(f"{path} is a Parquet file, not {fmt}: pass --format parquet (or auto)")
     header_line = _first_lines(path, 1)
     if not header_line:
         raise DataError(f"{path} is empty")
-    names = next(csv.reader(header_line, delimiter=sep))
+    if "\x00" in header_line[0] or "\ufffd" in header_line[0]:
+        raise DataError(
+            f"{path} is not a {fmt} text file: its first line is not UTF-8 text (binary data?); "
+            f"pass the file's --format ({', '.join(FORMATS)})"
+        )
+    try:
+        names = next(csv.reader(header_line, delimiter=sep))
+    except csv.Error as exc:
+        raise DataError(f"{path}: the header line is not valid {fmt}: {exc}") from exc
     user = _pick(names, user_col, USER_COLUMNS, "user", path)
     item = _pick(names, item_col, ITEM_COLUMNS, "item", path)
     value = _pick(names, rating_col, RATING_COLUMNS, "rating", path, required=False)
@@ -307,19 +320,41 @@ def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: 
 def _read_parquet(path: Path, user_col: str | None, item_col: str | None,
                   rating_col: str | None) -> Interactions:
     try:
-        names = list(pq.read_schema(path).names)
+        schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path} is not a readable parquet file: {exc}") from exc
+    names = list(schema.names)
     user = _pick(names, user_col, USER_COLUMNS, "user", path)
     item = _pick(names, item_col, ITEM_COLUMNS, "item", path)
     value = _pick(names, rating_col, RATING_COLUMNS, "rating", path, required=False)
     assert user is not None
     assert item is not None
+    for name, role, accepts in (
+        (user, "user id", _is_id_type), (item, "item id", _is_id_type),
+        (value, "rating", pa.types.is_floating),
+    ):  # fmt: skip
+        if name is None:
+            continue
+        kind = schema.field(name).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (accepts(kind) or (role == "rating" and pa.types.is_integer(kind))):
+            wanted = "strings or integers" if role != "rating" else "numbers"
+            raise DataError(
+                f"{path}: column {name!r} ({role}) has type {schema.field(name).type}; "
+                f"it must hold {wanted}, one interaction per row (explode list columns first)"
+            )
     table = pq.read_table(path, columns=[c for c in (user, item, value) if c is not None])
     if table.num_rows == 0:
         raise DataError(f"{path} has no interactions")
     return _to_interactions(path, table[user], table[item],
                             table[value] if value is not None else None, "parquet", None, 0)
+
+
+def _is_id_type(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    )
 
 
 # ---- arrow columns -> codes ------------------------------------------------------------------

@@ -4,6 +4,7 @@ batching equals single calls and the offline ranking."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
@@ -118,3 +119,15 @@ def test_ranking_sees_weights_changed_in_place() -> None:
     top = torch.topk(expected, 5).indices.tolist()
     assert rank_rows(rec.model, fold_in, 5)[0].tolist() == top
     assert [i for i, _ in rec.recommend(_ids([1, 2]), 5).items] == _ids(top)
+
+
+def test_a_model_with_non_finite_weights_fails_the_finite_check() -> None:
+    from multvae.errors import VerificationError
+
+    model = MultVAE(ModelConfig(p_dims=(4, 8, 20))).eval()
+    items = ItemIndex.build([f"i{c}" for c in range(20)], np.arange(20))
+    Recommender(model, items).check_finite()  # a healthy model passes
+    with torch.no_grad():
+        model.decoder[-1].weight[3, 0] = float("nan")
+    with pytest.raises(VerificationError, match="NaN or infinite"):
+        Recommender(model, items).check_finite()
