@@ -11,6 +11,7 @@ from typing import Any
 from multvae.artifacts import VERSIONS, load_version
 from multvae.device import resolve_device
 from multvae.errors import DataError, TrainingError
+from multvae.model import MODEL_KINDS
 from training.evaluate import HELDOUT_FILE, evaluate_model, format_evaluation, load_heldout
 from training.pipeline import DataSpec, split_for_version, train_and_write, train_config_for
 from training.preprocess import PRESETS
@@ -130,7 +131,10 @@ def spec_from_args(args: argparse.Namespace) -> DataSpec:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and optimisation flags; unset ones follow the paper (preset) or adapt to the data."""
     g = parser.add_argument_group("model and training")
-    g.add_argument("--model", default="multvae", choices=("multvae", "multdae"))
+    g.add_argument(
+        "--model", default="multvae", choices=MODEL_KINDS,
+        help="multvae (Liang et al.), multdae, or recvae (Shenbin et al., WSDM 2020)",
+    )
     g.add_argument(
         "--likelihood", default="multinomial", choices=("multinomial", "gaussian", "logistic")
     )
@@ -172,6 +176,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "epochs, at least 20; none under the paper presets)",
     )
     g.add_argument("--no-early-stopping", action="store_true")
+    g.add_argument(
+        "--gamma", type=float,
+        help="RecVAE: KL weight per click, beta_u = gamma * |x_u| (default 0.005)",
+    )
+    g.add_argument(
+        "--encoder-epochs", type=_positive,
+        help="RecVAE: encoder passes per decoder pass in each epoch (default 3)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -191,6 +203,8 @@ _CONFIG_FLAGS = (
     "patience",
     "device",
     "seed",
+    "gamma",
+    "encoder_epochs",
 )
 
 
