@@ -73,7 +73,10 @@ def _dims(text: str) -> tuple[int, ...]:
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--data/--format/--*-col/--preset and the filter and split flags (shared with retrain)."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", required=required, help="interaction file (or Netflix directory)")
+    g.add_argument(
+        "--data", required=required,
+        help="interaction file (or a Netflix, FilmTrust or CiteULike directory)",
+    )
     g.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     g.add_argument("--user-col", help="user column of a generic CSV/TSV/Parquet file")
     g.add_argument("--item-col", help="item column of a generic CSV/TSV/Parquet file")
@@ -89,8 +92,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     )
     g.add_argument(
         "--min-rating", type=float,
-        help="keep ratings > this (default 3.5 when the file has ratings; files of clicks "
-        "or counts keep every row)",
+        help="keep ratings > this (default 3.5 when the file has ratings, 2.5 for FilmTrust's "
+        "0.5-4 scale; files of clicks or counts keep every row)",
     )
     g.add_argument(
         "--keep-all-ratings", action="store_true", help="do not binarise: every row is a click"

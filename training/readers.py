@@ -26,10 +26,11 @@ from numpy.typing import NDArray
 from multvae.errors import DataError, MalformedLineError
 from training.dataset import Interactions
 
-FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
+FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "filmtrust", "citeulike", "csv",
+           "tsv", "parquet")
 # Layout-identical releases read by the same code.
 ALIASES = {"ml-10m": "ml-1m", "ml-25m": "ml-20m", "ml-latest": "ml-20m",
-           "ml-latest-small": "ml-20m"}
+           "ml-latest-small": "ml-20m", "citeulike-t": "citeulike", "citeulike-a": "citeulike"}
 USER_COLUMNS = ("userId", "user_id", "user", "userID", "UserId")
 ITEM_COLUMNS = ("itemId", "item_id", "movieId", "movie_id", "item", "song", "song_id", "itemID")
 RATING_COLUMNS = ("rating",)  # a count column must be named explicitly: it is not a rating
@@ -64,6 +65,12 @@ def read_interactions(
         from training.netflix import read_netflix  # late: netflix imports this module
 
         return read_netflix(path)
+    if fmt == "filmtrust":
+        return _read_filmtrust(path)
+    if fmt == "citeulike" and path.is_dir():
+        path = path / "users.dat"
+        if not path.is_file():
+            raise DataError(f"{path.parent} has no users.dat (the CiteULike layout)")
     if path.is_dir():
         raise DataError(f"{path} is a directory; format {fmt!r} reads one file")
     if path.stat().st_size == 0:
@@ -74,6 +81,8 @@ def read_interactions(
         return _read_headerless(path, fmt, "::", 4, ("int", "int", "float"), _titles_1m)
     if fmt == "msd":
         return _read_headerless(path, fmt, "\t", 3, ("str", "str", "int"), None)
+    if fmt == "citeulike":
+        return _read_citeulike(path)
     if fmt == "parquet":
         return _read_parquet(path, user_col, item_col, rating_col)
     if fmt == "ml-20m":
@@ -88,7 +97,9 @@ def detect_format(path: Path) -> tuple[Path, str]:
         if any(path.glob("mv_*.txt")) or any(path.glob("training_set/mv_*.txt")) \
                 or any(path.glob("combined_data_*.txt")):
             return path, "netflix"
-        for name in ("u.data", "ratings.dat", "ratings.csv", "train_triplets.txt"):
+        if filmtrust_parts(path):
+            return path, "filmtrust"
+        for name in ("u.data", "ratings.dat", "ratings.csv", "train_triplets.txt", "users.dat"):
             if (path / name).is_file():
                 return detect_format(path / name)
     name = path.name.lower()
@@ -98,6 +109,8 @@ def detect_format(path: Path) -> tuple[Path, str]:
         return path, "ml-1m"
     if name == "train_triplets.txt":
         return path, "msd"
+    if name == "users.dat":
+        return path, "citeulike"
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return path, "parquet"
@@ -110,7 +123,8 @@ def detect_format(path: Path) -> tuple[Path, str]:
         return path, suffix[1:]
     raise DataError(
         f"cannot tell the format of {path}; pass one of {', '.join(FORMATS)} "
-        "(netflix takes the directory of mv_*.txt or combined_data_*.txt files)"
+        "(netflix takes the directory of mv_*.txt or combined_data_*.txt files, filmtrust "
+        "the directory of ratings_*.txt files)"
     )
 
 
@@ -217,6 +231,71 @@ def numbered_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, s
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             yield lineno, raw.decode(encoding, "replace").rstrip("\r\n")
+
+
+# ---- FilmTrust (ratings_*.txt parts) and CiteULike (users.dat) ------------------------------
+
+
+def _read_filmtrust(path: Path) -> Interactions:
+    """FilmTrust's ``user item rating`` lines, space-separated, CRLF or LF.
+
+    A directory is read as all its ``ratings_<n>.txt`` parts in order of n (the release splits
+    one dataset into arbitrary parts); a file is read alone.
+    """
+    parts = filmtrust_parts(path) if path.is_dir() else [path]
+    if not parts:
+        raise DataError(f"{path} has no ratings_<n>.txt files (the FilmTrust layout)")
+    check = field_check(" ", 3, {0: "int", 1: "int", 2: "float"})
+    names = ["user", "item", "rating"]
+    types = {"user": pa.int64(), "item": pa.int64(), "rating": pa.float32()}
+    tables = []
+    for part in parts:
+        if part.stat().st_size == 0:
+            raise DataError(f"{part} is empty")
+        table = _arrow_csv(part, check, " ", names, types, names, False)
+        if any(table[c].null_count for c in names):
+            raise locate_bad_line(part, check, skip=0, cause="an empty field")
+        tables.append(table)
+    table = pa.concat_tables(tables)
+    return _to_interactions(path, table["user"], table["item"], table["rating"], "filmtrust",
+                            None, 0)
+
+
+_FILMTRUST_PART = re.compile(r"ratings_(\d+)\.txt")
+
+
+def filmtrust_parts(directory: Path) -> list[Path]:
+    """The ``ratings_<n>.txt`` files of ``directory`` in order of n."""
+    numbered = [(int(m.group(1)), p) for p in directory.iterdir()
+                if (m := _FILMTRUST_PART.fullmatch(p.name)) and p.is_file()]
+    return [p for _, p in sorted(numbered)]
+
+
+def _read_citeulike(path: Path) -> Interactions:
+    """CiteULike's ``users.dat``: line n (from 0) is user n's item count, then the item ids.
+
+    Every pair is an implicit click (no ratings); users with no items do not appear.
+    """
+    users: list[NDArray[np.int64]] = []
+    items: list[NDArray[np.int64]] = []
+    expected = "the item count n followed by n item ids (whole numbers >= 0)"
+    for lineno, line in numbered_lines(path):
+        fields = line.split()
+        if not fields:
+            raise MalformedLineError(path, lineno, expected, line)
+        try:
+            numbers = np.array(fields, dtype=np.int64)
+        except (ValueError, OverflowError):
+            raise MalformedLineError(path, lineno, expected, line) from None
+        if numbers[0] != len(numbers) - 1 or (numbers < 0).any():
+            raise MalformedLineError(path, lineno, expected, line)
+        items.append(numbers[1:])
+        users.append(np.full(len(numbers) - 1, lineno - 1, dtype=np.int64))
+    if not items or not sum(len(i) for i in items):
+        raise DataError(f"{path} has no interactions")
+    user_codes, user_ids = int_codes(np.concatenate(users), sort=True)
+    item_codes, item_ids = int_codes(np.concatenate(items), sort=False)
+    return Interactions(user_codes, item_codes, None, user_ids, item_ids, source="citeulike")
 
 
 # ---- tables with a header: ratings.csv, generic csv/tsv, parquet ------------------------------
