@@ -246,6 +246,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _duration(text: str) -> float:
+    from training.tune import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _model_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(MODEL_KINDS))
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give model kinds from {', '.join(MODEL_KINDS)}, comma-separated"
+        )
+    return kinds
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from training.tune import tune
+
+    spec = spec_from_args(args)
+    fixed = {"epochs": args.epochs} if args.epochs is not None else {}
+    base = train_config_for(spec, seed=args.seed, device=args.device, **fixed)
+    resolve_device(base.device)  # fail before reading data
+    result = tune(
+        spec, base, args.out,
+        trials=args.trials, time_budget=args.time_budget, resume=args.resume,
+        promote=args.promote, progress=not args.quiet, models=args.models,
+    )
+    finished = [t for t in result.search if t["val_ndcg@100"] is not None]
+    pruned = sum(t["state"] == "pruned" for t in result.search)
+    print(f"search: {len(result.search)} trials ({pruned} pruned), best first:")
+    for t in sorted(finished, key=lambda t: -t["val_ndcg@100"])[:10]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in t["params"].items())
+        print(f"  #{t['number']:<3} {t['state']:<8} val NDCG@100 {t['val_ndcg@100']:.4f}  {params}")
+    trained = result.trained
+    print(f"best: trial {result.study.best_trial.number}, validation NDCG@100 "
+          f"{trained.result.best_val_ndcg:.4f}")
+    print(format_evaluation("test", trained.test))
+    where = Path(args.out) / VERSIONS / str(trained.version)
+    print(f"wrote model version {trained.version} to {where}")
+    return 0
+
+
 def _baseline_names(text: str) -> list[str]:
     from training.baselines import parse_baseline_names
 
@@ -349,6 +396,33 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-promote", action="store_true", help="write the version, keep CURRENT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "tune", help="hyperparameter search (Optuna) on the validation users; writes the best"
+    )
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, help="model directory; the study goes to tune/")
+    p.add_argument("--trials", type=_positive, help="stop when the study has this many trials")
+    p.add_argument(
+        "--time-budget", type=_duration,
+        help="start no trial after this long, e.g. 30m, 2h, 600 (seconds)",
+    )
+    p.add_argument(
+        "--epochs", type=_positive,
+        help="epochs per trial (default: as multvae train, with early stopping)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the study under --out")
+    p.add_argument(
+        "--promote", action="store_true",
+        help="point CURRENT at the result even when the directory has one already",
+    )
+    p.add_argument(
+        "--models", type=_model_kinds, default=list(MODEL_KINDS),
+        help=f"model kinds to search (default {','.join(MODEL_KINDS)})",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
 
     p = subparsers.add_parser("evaluate", help="Recall@20/50 and NDCG@100 on the test users")
     p.add_argument("model_dir", help="model directory")
