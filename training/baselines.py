@@ -34,7 +34,7 @@ import torch
 from numpy.typing import NDArray
 
 from multvae.errors import DataError
-from multvae.ranking import mask_and_topk
+from multvae.ranking import mask_and_topk, ranking_depth
 from training.dataset import HeldOut, Split
 from training.evaluate import TOP_K, Evaluation, evaluate_topk
 
@@ -107,8 +107,9 @@ def rank_topk(
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 
-def evaluate_scorer(score: Scorer, heldout: HeldOut) -> Evaluation:
-    return evaluate_topk(rank_topk(score, heldout.fold_in), heldout)
+def evaluate_scorer(score: Scorer, heldout: HeldOut, cutoffs: Sequence[int] = ()) -> Evaluation:
+    return evaluate_topk(rank_topk(score, heldout.fold_in, ranking_depth(cutoffs)), heldout,
+                         cutoffs)
 
 
 # -- popularity ------------------------------------------------------------------------------
@@ -293,6 +294,7 @@ def _select(
     candidates: Sequence[dict[str, Any]],
     fit: Callable[[dict[str, Any]], Scorer],
     log: Log | None,
+    cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
     tic = time.perf_counter()
     best: tuple[float, dict[str, Any], Scorer, Evaluation] | None = None
@@ -308,22 +310,27 @@ def _select(
             best = (ndcg, params, scorer, val)
     assert best is not None, "a baseline needs at least one candidate"
     _, params, scorer, val = best
-    test = evaluate_scorer(scorer, split.test)
+    test = evaluate_scorer(scorer, split.test, cutoffs)
     return BaselineResult(name, test, val, dict(params), search, time.perf_counter() - tic)
 
 
-def run_popularity(split: Split, log: Log | None = None) -> BaselineResult:
-    return _select("popularity", split, [{}], lambda _: popularity_scorer(split.train), log)
+def run_popularity(
+    split: Split, log: Log | None = None, cutoffs: Sequence[int] = ()
+) -> BaselineResult:
+    return _select("popularity", split, [{}], lambda _: popularity_scorer(split.train), log,
+                   cutoffs)
 
 
 def run_ease(
-    split: Split, grid: Sequence[float] = EASE_GRID, log: Log | None = None
+    split: Split, grid: Sequence[float] = EASE_GRID, log: Log | None = None,
+    cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
     check_ease_memory(split.n_items)
     gram = ease_gram(split.train)  # shared by the grid: only lambda changes
     candidates = [{"l2": float(v)} for v in grid]
     return _select(
-        "ease", split, candidates, lambda p: ease_scorer(ease_weights(gram, p["l2"])), log
+        "ease", split, candidates, lambda p: ease_scorer(ease_weights(gram, p["l2"])), log,
+        cutoffs,
     )
 
 
@@ -333,13 +340,14 @@ def run_wmf(
     iterations: int = WMF_ITERATIONS,
     seed: int = 0,
     log: Log | None = None,
+    cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
     def fit(p: dict[str, Any]) -> Scorer:
         _, items = wmf_fit(split.train, p["factors"], p["alpha"], p["reg"], iterations, seed=seed)
         return wmf_scorer(items, p["alpha"], p["reg"])
 
     candidates = [{"factors": f, "alpha": a, "reg": r} for f, a, r in grid]
-    result = _select("wmf", split, candidates, fit, log)
+    result = _select("wmf", split, candidates, fit, log, cutoffs)
     result.params["iterations"] = iterations
     return result
 
@@ -353,8 +361,10 @@ def run_baselines(
     wmf_iterations: int = WMF_ITERATIONS,
     seed: int = 0,
     log: Log | None = None,
+    cutoffs: Sequence[int] = (),
 ) -> dict[str, BaselineResult]:
-    """Fit, select on validation NDCG@100 and score on the test users each named baseline."""
+    """Fit, select on validation NDCG@100 and score on the test users each named baseline
+    (with the metrics at ``cutoffs`` too, as :func:`training.evaluate.evaluate_topk`)."""
     unknown = [n for n in names if n not in BASELINE_NAMES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINE_NAMES}")
@@ -363,11 +373,11 @@ def run_baselines(
     results: dict[str, BaselineResult] = {}
     for name in names:
         if name == "popularity":
-            results[name] = run_popularity(split, log)
+            results[name] = run_popularity(split, log, cutoffs)
         elif name == "ease":
-            results[name] = run_ease(split, ease_grid, log)
+            results[name] = run_ease(split, ease_grid, log, cutoffs)
         else:
-            results[name] = run_wmf(split, wmf_grid, wmf_iterations, seed, log)
+            results[name] = run_wmf(split, wmf_grid, wmf_iterations, seed, log, cutoffs)
         if log is not None:
             r = results[name]
             log(

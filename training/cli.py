@@ -302,6 +302,15 @@ def _baseline_names(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cutoffs(text: str) -> tuple[int, ...]:
+    from multvae.ranking import parse_cutoffs
+
+    try:
+        return parse_cutoffs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     version = load_version(args.model_dir, args.version, device)
@@ -315,14 +324,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         test = split.test
     else:
         _, test = load_heldout(version.path / HELDOUT_FILE)
-    evaluation = evaluate_model(version.model, test)
+    evaluation = evaluate_model(version.model, test, args.k)
     baselines: dict[str, Any] = {}
     if args.baselines and split is not None:
         from training.baselines import run_baselines
 
         # Progress goes to stderr so that --json output stays parseable.
         baselines = run_baselines(
-            split, args.baselines, log=lambda line: print(line, file=sys.stderr, flush=True)
+            split, args.baselines, log=lambda line: print(line, file=sys.stderr, flush=True),
+            cutoffs=args.k,
         )
     report = None
     if args.report:
@@ -348,7 +358,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         best = str(best_baseline({n: r.test for n, r in baselines.items()}))
         print(f"model vs {best} (best baseline), paired t-test:")
         for metric, t in paired_tests(evaluation, baselines[best].test).items():
-            print(f"  {metric:<10} {t.diff:+.4f}  p {t.p:.3g} {t.stars}".rstrip())
+            print(f"  {metric:<12} {t.diff:+.4f}  p {t.p:.3g} {t.stars}".rstrip())
     if report is not None:
         print(f"report: {report[0]} and {report[1]}")
     return 0
@@ -424,12 +434,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tune)
 
-    p = subparsers.add_parser("evaluate", help="Recall@20/50 and NDCG@100 on the test users")
+    p = subparsers.add_parser(
+        "evaluate", help="Recall@20/50 and NDCG@100 (or at --k cut-offs) on the test users"
+    )
     p.add_argument("model_dir", help="model directory")
     p.add_argument("--version", help="version to score (default: CURRENT)")
     p.add_argument("--data", help="re-read and re-split this file instead of heldout.npz")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--k",
+        type=_cutoffs,
+        default=(),
+        metavar="K,...",
+        help="cut-offs, e.g. 10,20,50,100: Recall, NDCG, Precision and catalogue coverage at "
+        "each, and MRR (default: the paper's Recall@20, Recall@50 and NDCG@100 only)",
+    )
     p.add_argument(
         "--baselines",
         type=_baseline_names,

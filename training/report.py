@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from multvae.artifacts import ModelVersion, atomic_write
 from training.baselines import BaselineResult
-from training.evaluate import Evaluation, mean_se
+from training.evaluate import CUTOFF_KINDS, Evaluation, mean_se
 from training.stats import PairedTest, paired_tests, quintile_tests
 
 REPORTS = "reports"
@@ -101,11 +101,24 @@ def best_baseline(baselines: Mapping[str, Evaluation]) -> str | None:
 def _metrics_table(
     methods: Mapping[str, Evaluation], params: Mapping[str, Mapping[str, Any]]
 ) -> list[Row]:
-    rows = [["method", *(LABELS[m] for m in METRICS), "chosen on validation"]]
+    # MRR (scored with --k) is one number per method: a column here, not a cut-off row.
+    mrr = next(iter(methods.values())).mrr_metric
+    metrics = (*METRICS, mrr) if mrr is not None else METRICS
+    header = [LABELS.get(m, m.upper()) for m in metrics]
+    rows = [["method", *header, "chosen on validation"]]
     for name, ev in methods.items():
         s = ev.summary()
         chosen = ", ".join(f"{k}={v}" for k, v in params.get(name, {}).items())
-        rows.append([name, *(mean_se(s[m]["mean"], s[m]["se"]) for m in METRICS), chosen or "-"])
+        cells = [mean_se(s[m]["mean"], s[m]["se"]) if m in s else "-" for m in metrics]
+        rows.append([name, *cells, chosen or "-"])
+    return rows
+
+
+def _cutoff_table(methods: Mapping[str, Evaluation]) -> list[Row]:
+    """``multvae evaluate --k``'s table for every method: one row per method and cut-off."""
+    rows = [["method", "cut-off", *(label for _, label in CUTOFF_KINDS), "Coverage"]]
+    for name, ev in methods.items():
+        rows += [[name, f"@{k}", *cells] for k, cells in ev.cutoff_rows()]
     return rows
 
 
@@ -292,6 +305,10 @@ def write_report(
             _metrics_table(methods, params),
         )
     )
+    if model_eval.cutoffs:
+        ks = ", ".join(str(k) for k in model_eval.cutoffs)
+        sections.append((f"Test metrics at cut-offs {ks} (coverage: share of the catalogue "
+                         "in anyone's top k)", _cutoff_table(methods)))
     if best is not None and tests is not None:
         sections.append(
             (
