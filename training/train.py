@@ -231,11 +231,13 @@ class RecVAESteps:
     likelihood alone, with z sampled from the dropout-free encoder.
     """
 
-    def __init__(self, model: MultVAE, config: TrainConfig, decay: float) -> None:
+    def __init__(self, model: MultVAE, config: TrainConfig, sched: Plan) -> None:
         self.model, self.config = model, config
         encoder = model.encoder_parameters()
         ids = {id(p) for p in encoder}
         decoder = [p for p in model.parameters() if id(p) not in ids]
+        # The same L2 scale as the other kinds' penalty: gradient 2 * weight_decay / batch * w.
+        decay = 2 * sched.weight_decay / sched.batch_size
         self.encoder_opt = torch.optim.Adam(encoder, lr=config.lr, weight_decay=decay)
         self.decoder_opt = torch.optim.Adam(decoder, lr=config.lr, weight_decay=decay)
         self.old_encoder = self._frozen_copy()
@@ -302,7 +304,7 @@ def _run(
     rng = np.random.default_rng(config.seed)
     model = MultVAE(model_config_for(config, sched, split.n_items)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    recvae = RecVAESteps(model, config, sched.weight_decay) if config.model == "recvae" else None
+    recvae = RecVAESteps(model, config, sched) if config.model == "recvae" else None
     lam = sched.weight_decay / sched.batch_size  # the reference's L2 scale for the DAE
     train = sp.csr_matrix(split.train, dtype=np.float32)
     updates, best, best_epoch, best_beta = 0, -1.0, 0, 0.0

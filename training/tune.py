@@ -2,10 +2,12 @@
 
 Every trial trains one configuration (:func:`training.train.train`, early stopping as in
 ``multvae train``) and scores it by its best validation NDCG@100; hopeless trials are pruned on
-the per-epoch validation curve (median rule). The study lives in SQLite under the model
-directory (``MODEL_DIR/tune/study.db``), so a search stopped by Ctrl-C or by its time budget
-resumes with ``--resume``. At the end the best trial's configuration is trained again (same
-seed, same result) and written as a normal version whose metrics.json holds the whole search.
+the per-epoch validation curve (median rule). The first trials are the defaults of each model
+kind searched, so the search can only improve on ``multvae train``. The study lives in SQLite
+under the model directory (``MODEL_DIR/tune/study.db``), so a search stopped by Ctrl-C or by
+its time budget resumes with ``--resume``. At the end the best trial's configuration is trained
+again (same seed, same result) and written as a normal version whose metrics.json holds the
+whole search.
 
 The search space (:func:`suggest`; docs/tuning.md gives the reasons):
 
@@ -20,7 +22,7 @@ weight_decay       1e-6 - 1.0, log scale (L2 weight, scaled by 1 / batch size)
 anneal_cap         0.0-1.0 (multvae only)
 anneal_fraction    0.1-1.0: share of training until beta reaches its cap (multvae)
 gamma              1e-3 - 3e-2, log scale (recvae: beta_u = gamma * |x_u|)
-batch_size         100, 250, 500
+batch_size         the default rule (<= 500 users, split evenly), 100, 250
 =================  ===========================================================
 """
 
@@ -39,7 +41,7 @@ from multvae.artifacts import current_version
 from multvae.errors import TrainingError
 from multvae.model import MODEL_KINDS
 from training.pipeline import DataSpec, PreparedData, TrainedVersion, prepare, train_and_write
-from training.train import EpochRecord, TrainConfig, train
+from training.train import EpochRecord, TrainConfig, plan, train
 
 STUDY_DIR = "tune"
 STUDY_FILE = "study.db"
@@ -50,7 +52,7 @@ PRUNER_STARTUP_TRIALS = 3
 PRUNER_WARMUP_EPOCHS = 10
 WIDTHS = (300, 600, 1000)
 LATENT_DIMS = (64, 128, 200, 400)
-BATCH_SIZES = (100, 250, 500)
+BATCH_SIZES = (0, 100, 250)  # 0: the default rule (at most 500 users, split evenly)
 
 
 def parse_duration(text: str) -> float:
@@ -59,6 +61,27 @@ def parse_duration(text: str) -> float:
     if match is None or float(match.group(1)) <= 0:
         raise ValueError(f"{text!r} is not a duration: give e.g. 90s, 30m, 1.5h or seconds")
     return float(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+
+
+def default_params(config: TrainConfig, n_train_users: int) -> dict[str, Any]:
+    """``config`` (a default configuration) as a point of the search space, to enqueue."""
+    hidden = plan(config, n_train_users).hidden_dims
+    params: dict[str, Any] = {
+        "model": config.model,
+        "hidden_width": hidden[0] if hidden else 600,
+        "latent_dim": config.latent_dim,
+        "dropout": config.dropout,
+        "lr": config.lr,
+        "weight_decay": max(plan(config, n_train_users).weight_decay, 1e-6),
+        "batch_size": config.batch_size or 0,
+    }
+    if config.model == "recvae":
+        params.update(recvae_layers=len(hidden), gamma=config.gamma)
+    else:
+        params["hidden_layers"] = len(hidden)
+    if config.model == "multvae" and isinstance(config.anneal_cap, float | int):
+        params.update(anneal_cap=float(config.anneal_cap), anneal_fraction=config.anneal_fraction)
+    return params
 
 
 def suggest(trial: optuna.Trial, base: TrainConfig, models: Sequence[str]) -> TrainConfig:
@@ -76,7 +99,7 @@ def suggest(trial: optuna.Trial, base: TrainConfig, models: Sequence[str]) -> Tr
         "dropout": trial.suggest_float("dropout", 0.0, 0.8),
         "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1.0, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", list(BATCH_SIZES)),
+        "batch_size": trial.suggest_categorical("batch_size", list(BATCH_SIZES)) or None,
     }
     if model == "multvae":
         fields["anneal_cap"] = trial.suggest_float("anneal_cap", 0.0, 1.0)
@@ -177,6 +200,11 @@ def tune(
         raise TrainingError("give --trials, --time-budget or both: the search needs a bound")
     data = prepared or prepare(spec)
     study = open_study(model_dir, spec, resume, base.seed)
+    if not study.trials:
+        # The search starts from each kind's defaults: it can only improve on them.
+        n_train = data.split.train.shape[0]
+        for kind in models:
+            study.enqueue_trial(default_params(replace(base, model=kind), n_train))
 
     def objective(trial: optuna.Trial) -> float:
         config = suggest(trial, base, models)
