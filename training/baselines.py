@@ -8,8 +8,9 @@ NDCG@100 and the chosen fit scores the test users.
 
 * popularity: training click counts (ties by column, as the service's cold-start fallback).
 * EASE: B = I - P diag(1 / diag(P)), P = (X^T X + lambda I)^-1, scores x B; lambda from
-  :data:`EASE_GRID`. Needs dense I x I matrices: float64, or float32 where only those fit
-  (CiteULike-t's 25,584 items on a 24 GB machine); it refuses catalogues that fit neither.
+  :data:`EASE_GRID`. Two dense I x I float32 matrices at a time (the best B so far and the
+  one being inverted in place; X^T X is rebuilt per lambda rather than kept): 4.6 GB at
+  CiteULike-t's 24,000 items. It refuses catalogues for which that does not fit.
 * WMF: implicit alternating least squares with confidence c = 1 + alpha * x. Each half step
   solves every row's normal equations with a few conjugate-gradient steps warm-started from
   the previous factors (vectorised over rows; cost O(nnz * k) per step instead of one k x k
@@ -45,9 +46,12 @@ WMF_GRID: tuple[tuple[int, float, float], ...] = tuple(
 )  # (factors, alpha, regularisation)
 WMF_ITERATIONS = 15
 CG_STEPS = 3
-# Dense I x I float64 arrays alive at once while the grid runs: the gram matrix, the best B so
-# far, the matrix being inverted and LAPACK's working copy of it.
-EASE_COPIES = 4
+# Dense I x I arrays alive at once while the grid runs: the best B so far and the matrix being
+# factorised and inverted in place. float32: co-occurrence counts are exact up to 2^24 and the
+# ranking does not need more; it halves memory and doubles LAPACK's speed.
+EASE_COPIES = 2
+EASE_DTYPE = np.float32
+GRAM_BLOCK = 1 << 23  # entries of X^T X computed per sparse product (32 MB of float32)
 
 # A fitted baseline: dense scores (B, I) for a batch of fold-in rows (B, I).
 Scorer = Callable[[sp.csr_matrix], NDArray[np.floating]]
@@ -137,43 +141,49 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def ease_memory_bytes(n_items: int, itemsize: int = 8) -> int:
-    return EASE_COPIES * n_items * n_items * itemsize
+def ease_memory_bytes(n_items: int) -> int:
+    return EASE_COPIES * n_items * n_items * np.dtype(EASE_DTYPE).itemsize
 
 
-def check_ease_memory(n_items: int, available: int | None = None) -> type[np.floating]:
-    """The precision EASE fits in: float64 when its dense item-item matrices fit, float32
-    when only half of that does (lambda >= 50 keeps the float32 Cholesky well conditioned);
-    refused before allocating when neither fits."""
+def check_ease_memory(n_items: int, available: int | None = None) -> None:
+    """Refuse EASE before allocating when its dense item-item matrices cannot fit."""
     available = available_memory_bytes() if available is None else available
     need = ease_memory_bytes(n_items)
-    if available is None or need <= available:
-        return np.float64
-    if ease_memory_bytes(n_items, 4) <= available:
-        return np.float32
-    raise DataError(
-        f"EASE needs about {need / 1e9:.1f} GB for {n_items:,} items ({EASE_COPIES} dense "
-        f"{n_items:,} x {n_items:,} float64 matrices; half of that in float32) but only "
-        f"{available / 1e9:.1f} GB is available; drop 'ease' from --baselines, or keep fewer "
-        f"items (about {int(np.sqrt(available / (EASE_COPIES * 4))):,} fit)"
-    )
+    if available is not None and need > available:
+        raise DataError(
+            f"EASE needs about {need / 1e9:.1f} GB for {n_items:,} items ({EASE_COPIES} dense "
+            f"{n_items:,} x {n_items:,} float32 matrices) but only {available / 1e9:.1f} GB is "
+            "available; drop 'ease' from --baselines, or keep fewer items (about "
+            f"{int(np.sqrt(available / ease_memory_bytes(1))):,} fit)"
+        )
 
 
-def ease_gram(
-    train: sp.csr_matrix, dtype: type[np.floating] = np.float64
-) -> NDArray[np.floating]:
-    """Dense X^T X (I, I) of the binary training matrix."""
-    x = sp.csr_matrix(train, dtype=dtype)
-    return np.asarray((x.T @ x).toarray(), dtype=dtype)
+def ease_gram(train: sp.csr_matrix, out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """Dense X^T X (I, I) float32 of the training matrix, into ``out`` when given.
+
+    Built a block of rows at a time, so the sparse product never exists whole (at ML-20M's
+    20,000 items it is nearly dense and would take three times the dense matrix's memory).
+    """
+    x = sp.csr_matrix(train, dtype=EASE_DTYPE)
+    xt = sp.csr_matrix(x.T)
+    n = x.shape[1]
+    gram = np.empty((n, n), dtype=EASE_DTYPE) if out is None else out
+    step = max(1, GRAM_BLOCK // max(n, 1))
+    for start in range(0, n, step):
+        gram[start : start + step] = (xt[start : start + step] @ x).toarray()
+    return gram
 
 
-def ease_weights(gram: NDArray[np.floating], l2: float) -> NDArray[np.floating]:
-    """EASE's item-item matrix B (I, I) with zero diagonal; ``gram`` is left unchanged."""
-    p = torch.from_numpy(gram.copy())  # shares memory with the array returned below
+def ease_weights(train: sp.csr_matrix, l2: float) -> NDArray[np.float32]:
+    """EASE's item-item matrix B (I, I) float32 with zero diagonal, in one I x I buffer."""
+    n = train.shape[1]
+    buffer = np.empty((n, n), dtype=EASE_DTYPE, order="F")
+    ease_gram(train, out=buffer.T)  # X^T X is symmetric: filling its transpose fills it
+    # Column-major, as LAPACK stores matrices: torch factorises and inverts it in place, where
+    # a row-major tensor costs a working copy. torch's LAPACK (MKL) rather than scipy's: the
+    # bundled OpenBLAS crashes (SIGSEGV in its threaded potrf) from about 16,500 items here.
+    p = torch.from_numpy(buffer)
     p.diagonal().add_(l2)
-    # Cholesky and inverse in place through torch's LAPACK (MKL): scipy's bundled OpenBLAS
-    # crashes (SIGSEGV in its threaded potrf) from about 16,500 items on this 2-core machine,
-    # i.e. on ML-20M-sized catalogues.
     try:
         torch.linalg.cholesky(p, out=p)
     except torch.linalg.LinAlgError as exc:
@@ -181,14 +191,15 @@ def ease_weights(gram: NDArray[np.floating], l2: float) -> NDArray[np.floating]:
             f"X^T X + {l2} I is not positive definite ({exc}); use a larger L2 weight"
         ) from exc
     torch.cholesky_inverse(p, out=p)  # P = (X^T X + lambda I)^-1, both triangles
-    inv = p.numpy()
+    inv = buffer.T  # P is symmetric: the row-major view is P too, and scores rows fast
     inv /= -np.diag(inv).copy()[None, :]  # B_ij = -P_ij / P_jj
     np.fill_diagonal(inv, 0.0)
     return inv
 
 
-def ease_scorer(weights: NDArray[np.floating]) -> Scorer:
-    return lambda block: np.asarray(block @ weights)
+def ease_scorer(weights: NDArray[np.float32]) -> Scorer:
+    # The block in B's dtype: a float64 block would make scipy convert all of B first.
+    return lambda block: np.asarray(block.astype(weights.dtype) @ weights)
 
 
 # -- WMF (implicit ALS) ----------------------------------------------------------------------
@@ -315,6 +326,7 @@ def _select(
             log(f"  {name} {params}: validation NDCG@100 {ndcg:.4f}")
         if best is None or ndcg > best[0]:
             best = (ndcg, params, scorer, val)
+        del scorer  # a losing fit (EASE: an I x I matrix) is freed before the next one
     assert best is not None, "a baseline needs at least one candidate"
     _, params, scorer, val = best
     test = evaluate_scorer(scorer, split.test, cutoffs)
@@ -332,12 +344,11 @@ def run_ease(
     split: Split, grid: Sequence[float] = EASE_GRID, log: Log | None = None,
     cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
-    dtype = check_ease_memory(split.n_items)
-    gram = ease_gram(split.train, dtype)  # shared by the grid: only lambda changes
+    check_ease_memory(split.n_items)
     candidates = [{"l2": float(v)} for v in grid]
     return _select(
-        "ease", split, candidates, lambda p: ease_scorer(ease_weights(gram, p["l2"])), log,
-        cutoffs,
+        "ease", split, candidates, lambda p: ease_scorer(ease_weights(split.train, p["l2"])),
+        log, cutoffs,
     )
 
 
