@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from training.baselines import run_baselines
 from training.evaluate import Evaluation, evaluate_model
@@ -106,9 +107,10 @@ def cmd_run(args: argparse.Namespace) -> None:
         for line in path.read_text().splitlines():
             r = json.loads(line)
             done.add((r["dataset"], r["seed"], r["method"]))
-    for name in args.datasets:
-        rel, preset = DATASETS[name]
-        for seed in args.seeds:
+    torch.set_num_threads(args.threads)
+    for seed in args.seeds:  # every dataset's first seed first
+        for name in args.datasets:
+            rel, preset = DATASETS[name]
             todo = [m for m in args.methods if (name, seed, m) not in done]
             if not todo:
                 continue
@@ -181,6 +183,7 @@ def main() -> None:
     run.add_argument("--methods", type=_list(METHODS), default=list(METHODS))
     run.add_argument("--tune-budget", type=parse_duration, default=None)
     run.add_argument("--tune-trials", type=int, default=None)
+    run.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     run.set_defaults(func=cmd_run)
     table = sub.add_parser("table")
     table.add_argument("--results", required=True)
