@@ -39,7 +39,7 @@ import optuna
 
 from multvae.artifacts import current_version
 from multvae.errors import TrainingError
-from multvae.model import MODEL_KINDS
+from multvae.model import MODEL_KINDS, ModelKind
 from training.pipeline import DataSpec, PreparedData, TrainedVersion, prepare, train_and_write
 from training.train import EpochRecord, TrainConfig, plan, train
 
@@ -84,7 +84,9 @@ def default_params(config: TrainConfig, n_train_users: int) -> dict[str, Any]:
     return params
 
 
-def suggest(trial: optuna.Trial, base: TrainConfig, models: Sequence[str]) -> TrainConfig:
+def suggest(
+    trial: optuna.Trial | optuna.trial.FixedTrial, base: TrainConfig, models: Sequence[ModelKind]
+) -> TrainConfig:
     """One point of the search space (module doc) on top of ``base`` (seed, device)."""
     model = trial.suggest_categorical("model", list(models))
     width = trial.suggest_categorical("hidden_width", list(WIDTHS))
@@ -190,7 +192,7 @@ def tune(
     resume: bool = False,
     promote: bool = False,
     progress: bool = False,
-    models: Sequence[str] = MODEL_KINDS,
+    models: Sequence[ModelKind] = MODEL_KINDS,
     prepared: PreparedData | None = None,
 ) -> TuneResult:
     """Search until the study has ``trials`` finished trials or ``time_budget`` seconds pass
