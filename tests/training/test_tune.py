@@ -66,6 +66,11 @@ def test_tune_runs_resumes_and_writes_a_verifiable_version(
         search["best_val_ndcg@100"]
     )
     assert json.loads((version.path / "metrics.json").read_text())["search"] == search
+    # the report shows the search, one row per trial
+    assert main(["evaluate", str(models), "--version", versions[-1], "--report"]) == 0
+    report = next((models / "reports").rglob("report.md")).read_text()
+    assert "## Hyperparameter search (multvae tune: 3 trials" in report
+    assert report.count("| complete |") + report.count("| pruned |") == 3
 
     # --resume refuses a study made on other data flags
     assert main([*common, "--trials", "4", "--resume", "--seed", "7"]) == 1
