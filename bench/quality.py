@@ -95,7 +95,7 @@ def run_method(
     config = train_config_for(spec, **overrides)
     result = train(split, config)
     return _record(
-        evaluate_model(result.model, split.test), result.seconds, model=config.model,
+        evaluate_model(result.model, split.test), result.seconds, model=result.plan.model,
         epochs=len(result.history), best_epoch=result.best_epoch, val=result.best_val_ndcg,
     )
 

@@ -135,8 +135,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and optimisation flags; unset ones follow the paper (preset) or adapt to the data."""
     g = parser.add_argument_group("model and training")
     g.add_argument(
-        "--model", default="multvae", choices=MODEL_KINDS,
-        help="multvae (Liang et al.), multdae, or recvae (Shenbin et al., WSDM 2020)",
+        "--model", default="auto", choices=("auto", *MODEL_KINDS),
+        help="multvae (Liang et al.), multdae, or recvae (Shenbin et al., WSDM 2020); auto "
+        "(default): multdae below 10,000 training users, multvae from there",
     )
     g.add_argument(
         "--likelihood", default="multinomial", choices=("multinomial", "gaussian", "logistic")
@@ -233,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     r = trained.result
     print(
-        f"trained {config.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
+        f"trained {r.plan.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
         f"batch {r.plan.batch_size}) in {r.seconds:.1f}s; best epoch {r.best_epoch}, "
         f"beta {r.beta:.3f}, validation NDCG@100 {r.best_val_ndcg:.4f}"
     )

@@ -38,6 +38,9 @@ from multvae.recommend import topk_rows
 from training.dataset import HeldOut, Split
 
 AnnealCap = float | Literal["auto", "auto-single"]
+# Below this many training users the default kind is Mult-DAE [I -> 200 -> I], from it
+# Mult-VAE [I -> 600 -> 200 -> 600 -> I] (bench/RESULTS.md, "issue 9").
+SMALL_DATA_USERS = 10_000
 RECVAE_HIDDEN = (600,) * 5  # Shenbin et al.'s encoder: five densely connected layers of 600
 
 
@@ -45,7 +48,7 @@ RECVAE_HIDDEN = (600,) * 5  # Shenbin et al.'s encoder: five densely connected l
 class TrainConfig:
     """Every knob of a training run; ``None`` means "derive from the data" (see module doc)."""
 
-    model: ModelKind = "multvae"
+    model: ModelKind | Literal["auto"] = "auto"  # auto: see plan()
     likelihood: Likelihood = "multinomial"
     hidden_dims: tuple[int, ...] | None = None  # None: by data size, see plan()
     latent_dim: int = 200
@@ -101,6 +104,7 @@ class TrainConfig:
 class Plan:
     """The concrete schedule a config resolves to on a given training set."""
 
+    model: ModelKind
     hidden_dims: tuple[int, ...]
     batch_size: int
     epochs: int
@@ -124,13 +128,16 @@ def plan(config: TrainConfig, n_train_users: int) -> Plan:
     """
     if n_train_users < 1:
         raise TrainingError("the split has no training users")
+    model: ModelKind = config.model if config.model != "auto" else (
+        "multvae" if n_train_users >= SMALL_DATA_USERS else "multdae"
+    )
     if config.batch_size is not None:
         batch = min(config.batch_size, n_train_users)
     else:
         # At most the paper's 500 users, split evenly so no epoch ends on a runt batch.
         batch = math.ceil(n_train_users / math.ceil(n_train_users / 500))
     per_epoch = math.ceil(n_train_users / batch)
-    if config.model == "recvae":
+    if model == "recvae":
         per_epoch *= config.encoder_epochs + 1  # encoder passes, then a decoder pass
     wanted = max(config.min_epochs, math.ceil(config.min_updates / per_epoch))
     epochs = config.epochs or max(1, min(config.max_epochs, wanted))
@@ -141,17 +148,17 @@ def plan(config: TrainConfig, n_train_users: int) -> Plan:
     decay = (
         config.weight_decay
         if config.weight_decay is not None
-        else (0.01 if config.model == "multdae" else 0.0)
+        else (0.01 if model == "multdae" else 0.0)
     )
     hidden = config.hidden_dims
-    if hidden is None and config.model == "recvae":
+    if hidden is None and model == "recvae":
         hidden = RECVAE_HIDDEN
     elif hidden is None:
-        hidden = (600,) if config.model == "multvae" and n_train_users >= 10_000 else ()
+        hidden = (600,) if model == "multvae" and n_train_users >= SMALL_DATA_USERS else ()
     patience = config.patience
     if patience == "auto":
         patience = max(20, epochs // 8)
-    return Plan(tuple(hidden), batch, epochs, per_epoch, anneal, decay, patience)
+    return Plan(model, tuple(hidden), batch, epochs, per_epoch, anneal, decay, patience)
 
 
 @dataclass
@@ -212,7 +219,7 @@ def validation_ndcg(model: MultVAE, heldout: HeldOut) -> float:
 
 def model_config_for(config: TrainConfig, sched: Plan, n_items: int) -> ModelConfig:
     """The architecture a training config and plan resolve to for ``n_items`` items."""
-    if config.model == "recvae":
+    if sched.model == "recvae":
         if not sched.hidden_dims:
             raise TrainingError("RecVAE needs at least one hidden layer (--hidden-dims 600)")
         width = sched.hidden_dims[0]
@@ -224,7 +231,7 @@ def model_config_for(config: TrainConfig, sched: Plan, n_items: int) -> ModelCon
             likelihood=config.likelihood,
         )
     return ModelConfig(
-        kind=config.model,
+        kind=sched.model,
         p_dims=(config.latent_dim, *sched.hidden_dims, n_items),
         dropout=config.dropout,
         likelihood=config.likelihood,
@@ -313,7 +320,7 @@ def _run(
     rng = np.random.default_rng(config.seed)
     model = MultVAE(model_config_for(config, sched, split.n_items)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    recvae = RecVAESteps(model, config, sched) if config.model == "recvae" else None
+    recvae = RecVAESteps(model, config, sched) if sched.model == "recvae" else None
     lam = sched.weight_decay / sched.batch_size  # the reference's L2 scale for the DAE
     train = sp.csr_matrix(split.train, dtype=np.float32)
     updates, best, best_epoch, best_beta = 0, -1.0, 0, 0.0
@@ -333,7 +340,7 @@ def _run(
         else:
             for rows in _batches(train, sched.batch_size, rng):
                 x = SparseRows.from_csr(train[rows], device)
-                if config.model == "multvae":
+                if sched.model == "multvae":
                     beta = schedule(updates)
                 logits, mu, logvar = model(x)
                 loss = model.neg_log_likelihood(logits, x)

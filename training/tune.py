@@ -65,21 +65,22 @@ def parse_duration(text: str) -> float:
 
 def default_params(config: TrainConfig, n_train_users: int) -> dict[str, Any]:
     """``config`` (a default configuration) as a point of the search space, to enqueue."""
-    hidden = plan(config, n_train_users).hidden_dims
+    resolved = plan(config, n_train_users)
+    hidden = resolved.hidden_dims
     params: dict[str, Any] = {
-        "model": config.model,
+        "model": resolved.model,
         "hidden_width": hidden[0] if hidden else 600,
         "latent_dim": config.latent_dim,
         "dropout": config.dropout,
         "lr": config.lr,
-        "weight_decay": max(plan(config, n_train_users).weight_decay, 1e-6),
+        "weight_decay": max(resolved.weight_decay, 1e-6),
         "batch_size": config.batch_size or 0,
     }
-    if config.model == "recvae":
+    if resolved.model == "recvae":
         params.update(recvae_layers=len(hidden), gamma=config.gamma)
     else:
         params["hidden_layers"] = len(hidden)
-    if config.model == "multvae" and isinstance(config.anneal_cap, float | int):
+    if resolved.model == "multvae" and isinstance(config.anneal_cap, float | int):
         params.update(anneal_cap=float(config.anneal_cap), anneal_fraction=config.anneal_fraction)
     return params
 
