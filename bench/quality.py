@@ -2,12 +2,13 @@
 
     python bench/quality.py run --results quality.jsonl [--datasets ml-100k,filmtrust]
         [--seeds 98765,12345] [--methods default,recvae,ease] [--tune-budget 5m]
-    python bench/quality.py table --results quality.jsonl     # markdown for bench/RESULTS.md
+    python bench/quality.py table --results a.jsonl b.jsonl   # markdown for bench/RESULTS.md
 
 ``run`` appends one JSON line per (dataset, seed, method) and skips those already in the
 file, so an interrupted run continues where it stopped. Methods:
 
-* ``default``: ``multvae train`` with no flags (the configuration ``train_config_for`` gives);
+* ``default``: ``multvae train`` with no flags (the configuration ``train_config_for`` gives;
+  Mult-DAE below 10,000 training users, so the ``multdae`` row on these sets);
 * ``multvae``, ``multdae``, ``recvae``: that kind with its defaults;
 * ``tune``: ``multvae tune`` with ``--tune-budget`` / ``--tune-trials`` (time = the whole search
   plus the final training);
@@ -48,10 +49,10 @@ DATASETS = {
 METHODS = ("default", "tune", "multvae", "multdae", "recvae", "ease", "wmf")
 SEEDS = (98765, 12345, 2024)
 LABELS = {
-    "default": "default `multvae train`",
+    "default": "default `multvae train` (auto kind)",
     "tune": "`multvae tune`",
     "multvae": "Mult-VAE",
-    "multdae": "Mult-DAE",
+    "multdae": "Mult-DAE (= default `multvae train` here)",
     "recvae": "RecVAE",
     "ease": "EASE",
     "wmf": "WMF (ALS)",
@@ -138,9 +139,14 @@ def _pooled(values: list[float]) -> str:
 
 def cmd_table(args: argparse.Namespace) -> None:
     rows: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for line in Path(args.results).read_text().splitlines():
-        r = json.loads(line)
-        rows[(r["dataset"], r["method"])].append(r)
+    seen = set()
+    for results in args.results:
+        for line in Path(results).read_text().splitlines():
+            r = json.loads(line)
+            key = (r["dataset"], r["seed"], r["method"])
+            if key not in seen:  # the first file holding a run wins
+                seen.add(key)
+                rows[(r["dataset"], r["method"])].append(r)
     for name in DATASETS:
         methods = [m for m in METHODS if (name, m) in rows]
         if not methods:
@@ -186,7 +192,7 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     run.set_defaults(func=cmd_run)
     table = sub.add_parser("table")
-    table.add_argument("--results", required=True)
+    table.add_argument("--results", required=True, nargs="+", help="JSON-lines files")
     table.set_defaults(func=cmd_table)
     args = parser.parse_args()
     if args.command == "run" and "tune" in args.methods and not (
