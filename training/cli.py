@@ -145,8 +145,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--hidden-dims",
         type=_dims,
-        help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for a VAE with >= 10,000 "
-        "training users, none below and for the DAE)",
+        help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for Mult-VAE from 10,000 "
+        "training users, none below and for the DAE; 600,600,600,600,600 for RecVAE)",
     )
     g.add_argument("--latent-dim", type=_positive, help="K (default 200)")
     g.add_argument("--dropout", type=float, help="input dropout (default 0.5)")
