@@ -135,7 +135,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and optimisation flags; unset ones follow the paper (preset) or adapt to the data."""
     g = parser.add_argument_group("model and training")
     g.add_argument(
-        "--model", default="auto", choices=("auto", *MODEL_KINDS),
+        "--model", choices=("auto", *MODEL_KINDS),
         help="multvae (Liang et al.), multdae, or recvae (Shenbin et al., WSDM 2020); auto "
         "(default): multdae below 10,000 training users, multvae from there",
     )
