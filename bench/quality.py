@@ -87,7 +87,8 @@ def run_method(
             seconds = time.perf_counter() - tic
         best = tuned.study.best_trial
         return _record(
-            tuned.trained.test, seconds, params=best.params, trials=len(tuned.search),
+            tuned.trained.test, seconds, params=best.params,
+            trials=sum(t["state"] in ("complete", "pruned") for t in tuned.search),
             val=best.value,
         )
     overrides: dict[str, Any] = {"seed": spec.seed, "device": "cpu"}

@@ -204,9 +204,11 @@ def tune(
     data = prepared or prepare(spec)
     study = open_study(model_dir, spec, resume, base.seed)
     if not study.trials:
-        # The search starts from each kind's defaults: it can only improve on them.
+        # The search starts from each kind's defaults, the kind `multvae train` would pick
+        # first (a budget that ends early has at least that one): it can only improve on them.
         n_train = data.split.train.shape[0]
-        for kind in models:
+        default = plan(base, n_train).model
+        for kind in sorted(models, key=lambda k: k != default):
             study.enqueue_trial(default_params(replace(base, model=kind), n_train))
 
     def objective(trial: optuna.Trial) -> float:
