@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.catalog import ALIASES, FORMATS, PRESETS
+from training.catalog import ALIASES, FORMATS, MODEL_KINDS, PRESETS
 
 # Exit codes of `multvae retrain`, for cron, the k8s CronJob's podFailurePolicy and
 # deploy/entrypoint-trainer.sh.
@@ -142,15 +142,19 @@ def spec_from_args(args: argparse.Namespace) -> DataSpec:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and optimisation flags; unset ones follow the paper (preset) or adapt to the data."""
     g = parser.add_argument_group("model and training")
-    g.add_argument("--model", default="multvae", choices=("multvae", "multdae"))
+    g.add_argument(
+        "--model", choices=("auto", *MODEL_KINDS),
+        help="multvae (Liang et al.), multdae, or recvae (Shenbin et al., WSDM 2020); auto "
+        "(default): multdae below 10,000 training users, multvae from there",
+    )
     g.add_argument(
         "--likelihood", default="multinomial", choices=("multinomial", "gaussian", "logistic")
     )
     g.add_argument(
         "--hidden-dims",
         type=_dims,
-        help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for a VAE with >= 10,000 "
-        "training users, none below and for the DAE)",
+        help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for Mult-VAE from 10,000 "
+        "training users, none below and for the DAE; 600,600,600,600,600 for RecVAE)",
     )
     g.add_argument("--latent-dim", type=positive_int, help="K (default 200)")
     g.add_argument("--dropout", type=float, help="input dropout (default 0.5)")
@@ -184,6 +188,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "epochs, at least 20; none under the paper presets)",
     )
     g.add_argument("--no-early-stopping", action="store_true")
+    g.add_argument(
+        "--gamma", type=float,
+        help="RecVAE: KL weight per click, beta_u = gamma * |x_u| (default 0.005)",
+    )
+    g.add_argument(
+        "--encoder-epochs", type=positive_int,
+        help="RecVAE: encoder passes per decoder pass in each epoch (default 3)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -203,6 +215,8 @@ CONFIG_FLAGS = (
     "patience",
     "device",
     "seed",
+    "gamma",
+    "encoder_epochs",
 )
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# multvae.model.MODEL_KINDS, named here without importing torch (a test keeps them equal).
+MODEL_KINDS = ("multvae", "multdae", "recvae")
 FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "filmtrust", "citeulike", "csv",
            "tsv", "parquet")
 # Layout-identical releases read by the same code.

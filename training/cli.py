@@ -24,6 +24,7 @@ from training.arguments import (
     spec_from_args,
     train_config_from_args,
 )
+from training.catalog import MODEL_KINDS
 
 
 def describe_split(stats: dict[str, Any], seed: int) -> str:
@@ -52,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     r = trained.result
     print(
-        f"trained {config.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
+        f"trained {r.plan.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
         f"batch {r.plan.batch_size}) in {r.seconds:.1f}s; best epoch {r.best_epoch}, "
         f"beta {r.beta:.3f}, validation NDCG@100 {r.best_val_ndcg:.4f}"
     )
@@ -62,6 +63,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"wrote model version {trained.version} to {where}"
         + ("" if args.no_promote else " (CURRENT)")
     )
+    return 0
+
+
+def _duration(text: str) -> float:
+    from training.tune import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _model_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(MODEL_KINDS))
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give model kinds from {', '.join(MODEL_KINDS)}, comma-separated"
+        )
+    return kinds
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from multvae.artifacts import VERSIONS
+    from multvae.device import resolve_device
+    from training.evaluate import format_evaluation
+    from training.pipeline import train_config_for
+    from training.tune import tune
+
+    spec = spec_from_args(args)
+    fixed = {"epochs": args.epochs} if args.epochs is not None else {}
+    base = train_config_for(spec, seed=args.seed, device=args.device, **fixed)
+    resolve_device(base.device)  # fail before reading data
+    result = tune(
+        spec, base, args.out,
+        trials=args.trials, time_budget=args.time_budget, resume=args.resume,
+        promote=args.promote, progress=not args.quiet, models=args.models,
+    )
+    finished = [t for t in result.search if t["val_ndcg@100"] is not None]
+    pruned = sum(t["state"] == "pruned" for t in result.search)
+    print(f"search: {len(result.search)} trials ({pruned} pruned), best first:")
+    for t in sorted(finished, key=lambda t: -t["val_ndcg@100"])[:10]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in t["params"].items())
+        print(f"  #{t['number']:<3} {t['state']:<8} val NDCG@100 {t['val_ndcg@100']:.4f}  {params}")
+    trained = result.trained
+    print(f"best: trial {result.study.best_trial.number}, validation NDCG@100 "
+          f"{trained.result.best_val_ndcg:.4f}")
+    print(format_evaluation("test", trained.test))
+    where = Path(args.out) / VERSIONS / str(trained.version)
+    print(f"wrote model version {trained.version} to {where}")
     return 0
 
 
@@ -259,6 +311,33 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-promote", action="store_true", help="write the version, keep CURRENT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser(
+        "tune", help="hyperparameter search (Optuna) on the validation users; writes the best"
+    )
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, help="model directory; the study goes to tune/")
+    p.add_argument("--trials", type=positive_int, help="stop when the study has this many trials")
+    p.add_argument(
+        "--time-budget", type=_duration,
+        help="start no trial after this long, e.g. 30m, 2h, 600 (seconds)",
+    )
+    p.add_argument(
+        "--epochs", type=positive_int,
+        help="epochs per trial (default: as multvae train, with early stopping)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the study under --out")
+    p.add_argument(
+        "--promote", action="store_true",
+        help="point CURRENT at the result even when the directory has one already",
+    )
+    p.add_argument(
+        "--models", type=_model_kinds, default=list(MODEL_KINDS),
+        help=f"model kinds to search (default {','.join(MODEL_KINDS)})",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
 
     p = subparsers.add_parser(
         "evaluate", help="Recall@20/50 and NDCG@100 (or at --k cut-offs) on the test users"

@@ -136,8 +136,12 @@ def train_and_write(
     promote: bool = True,
     progress: bool = False,
     prepared: PreparedData | None = None,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> TrainedVersion:
-    """Train on the spec's data and write a verified model version (CURRENT moves if promote)."""
+    """Train on the spec's data and write a verified model version (CURRENT moves if promote).
+
+    ``extra_metrics`` (e.g. a tuning search) is stored in metrics.json beside the scores.
+    """
     data = prepared or prepare(spec)
     split = data.split
     log.info("split: %s", split.stats)
@@ -153,6 +157,7 @@ def train_and_write(
         "train_seconds": result.seconds,
         "history": [asdict(r) for r in result.history],
         "anneal_search": [asdict(r) for r in result.anneal_search],
+        **(extra_metrics or {}),
     }
     extra = {
         "data": spec.to_dict(),

@@ -50,6 +50,7 @@ SUMMARY_LABELS = {
 }
 
 Row = list[str]
+MODEL_NAMES = {"multvae": "Mult-VAE", "multdae": "Mult-DAE", "recvae": "RecVAE"}
 
 
 def report_dir(model_dir: Path | str, version: str) -> Path:
@@ -258,6 +259,19 @@ def quintile_png(
     return _png(fig)
 
 
+def _search_table(trials: Sequence[Mapping[str, Any]]) -> list[Row]:
+    rows: list[Row] = [["trial", "state", "validation NDCG@100", "epochs", "parameters"]]
+    for t in trials:
+        score = t.get("val_ndcg@100")
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in t["params"].items()
+        )
+        rows.append([str(t["number"]), t["state"], "-" if score is None else f"{score:.4f}",
+                     str(t.get("epochs", "-")), params])
+    return rows
+
+
 # -- writing ---------------------------------------------------------------------------------
 
 
@@ -273,12 +287,14 @@ def write_report(
     anneal_search: Sequence[Any] = (),
     best_epoch: int | None = None,
     baseline_params: Mapping[str, Mapping[str, Any]] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write report.md, report.html and the PNGs into ``out_dir``; returns (md, html) paths.
 
     ``history``/``anneal_search``: EpochRecords or their dicts (metrics.json's ``history``).
     ``data``: :func:`data_summary`'s mapping. Baselines are keyed by name (popularity, ease,
-    wmf); every evaluation must cover the same test users in the same order.
+    wmf); every evaluation must cover the same test users in the same order. ``search``:
+    metrics.json's ``search`` of a version written by ``multvae tune``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -321,6 +337,14 @@ def write_report(
     sections.append(
         ("NDCG@100 by fold-in activity quintile (Figure 3)", _quintile_table(methods, q_tests))
     )
+    if search:
+        sections.append(
+            (
+                f"Hyperparameter search (multvae tune: {len(search['trials'])} trials, "
+                f"best {search['best_trial']})",
+                _search_table(search["trials"]),
+            )
+        )
 
     images: list[tuple[str, str, bytes]] = []
     if history:
@@ -399,9 +423,10 @@ def write_version_report(
         {name: r.test for name, r in baselines.items()},
         metrics.get("history", []),
         data_summary({"items": len(version.items), **config.get("split", {})}),
-        model_name="Mult-DAE" if kind == "multdae" else "Mult-VAE",
+        model_name=MODEL_NAMES.get(kind, kind),
         title=f"Evaluation report: model version {version.version}",
         anneal_search=metrics.get("anneal_search", []),
         best_epoch=metrics.get("best_epoch"),
         baseline_params={name: r.params for name, r in baselines.items()},
+        search=metrics.get("search"),
     )

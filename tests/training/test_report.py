@@ -240,7 +240,8 @@ def test_evaluate_at_cutoffs_prints_reports_and_serialises_the_same_table(
 
     data, model_dir = tmp_path / "ratings.csv", tmp_path / "model"
     write_block_csv(data)
-    argv = ["train", "--data", str(data), "--out", str(model_dir), "--heldout-users", "20"]
+    argv = ["train", "--data", str(data), "--out", str(model_dir), "--heldout-users", "20",
+            "--model", "multvae"]  # fmt: skip
     assert main([*argv, "--epochs", "3", "--quiet"]) == 0
     capsys.readouterr()
 
