@@ -1,4 +1,4 @@
-"""The recommend pipeline: queries -> cache -> micro-batched fold-in -> recommendations.
+"""The recommend pipeline: queries -> cache -> micro-batched fold-in -> encoded answers.
 
 Everything a request needs lives on one :class:`Pipeline`, built in the app's lifespan. The
 served version is read once per call, so a hot swap never changes it under a request. This
@@ -8,10 +8,8 @@ module knows nothing of HTTP: the routes turn an :class:`Answer` into a response
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import orjson
 
 from multvae.recommend import Query, Recommendation
 from service.batching import MicroBatcher
@@ -31,26 +29,22 @@ class UnknownItemsError(Exception):
         self.unknown = unknown  # per query, in order; empty where all ids are known
 
 
+# The caller's wire form of one recommendation (for the routes, the JSON response body).
+Encoder = Callable[[str, Recommendation], bytes]
+
+# What the cache holds for a query: the fallback kind (empty for none), a newline, then the
+# encoded recommendation, so a hit is answered without decoding and re-encoding anything.
+# Part of every key: entries written in another layout (an older replica) are never read.
+LAYOUT = "body1"
+
+
 @dataclass(frozen=True)
 class Answer:
-    """Recommendations for the queries, in order, and which of them the cache answered."""
+    """Encoded recommendations for the queries, in order, and which the cache answered."""
 
     version: str
-    recommendations: list[Recommendation]
+    bodies: list[bytes]
     cached: list[bool]
-
-
-def _to_json(rec: Recommendation) -> bytes:
-    return orjson.dumps({"items": rec.items, "unknown": rec.unknown, "fallback": rec.fallback})
-
-
-def _from_json(value: bytes) -> Recommendation | None:
-    try:
-        data = orjson.loads(value)
-        items = [(str(item), float(score)) for item, score in data["items"]]
-        return Recommendation(items, [str(u) for u in data["unknown"]], data["fallback"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None  # an entry from an incompatible writer is just a miss
 
 
 @dataclass
@@ -67,31 +61,35 @@ class Pipeline:
             raise NotReadyError("no model is loaded yet")
         return served
 
-    async def recommend(self, queries: Sequence[Query], strict: bool) -> Answer:
-        """Recommendations for ``queries``; cache misses share one forward pass."""
+    async def recommend(self, queries: Sequence[Query], strict: bool, encode: Encoder) -> Answer:
+        """``queries`` answered as ``encode`` makes them; cache misses share one forward pass."""
         recommender = self.served().recommender
+        version = recommender.version
         unknown = [recommender.unknown(q.items) for q in queries]
         unknown_count = sum(len(u) for u in unknown)
         if unknown_count:
             self.metrics.unknown_items.inc(unknown_count)
             if strict:
-                raise UnknownItemsError(recommender.version, unknown)
-        prefix = self.settings.cache_prefix
-        keys = [cache_key(prefix, recommender.version, q) for q in queries]
-        found = [None if v is None else _from_json(v) for v in await self._gather_get(keys)]
-        misses = [i for i, hit in enumerate(found) if hit is None]
+                raise UnknownItemsError(version, unknown)
+        prefix = f"{self.settings.cache_prefix}:{LAYOUT}"
+        keys = [cache_key(prefix, version, q) for q in queries]
+        values = await self._gather_get(keys)
+        misses = [i for i, value in enumerate(values) if value is None]
         if misses:
             fresh = await self.batcher.submit(recommender, [queries[i] for i in misses])
-            for i, rec in zip(misses, fresh, strict=True):
-                found[i] = rec
-            await self._gather_set([keys[i] for i in misses], [_to_json(r) for r in fresh])
-        recommendations = [rec for rec in found if rec is not None]
-        for rec in recommendations:
-            if rec.fallback is not None:
-                self.metrics.fallbacks.labels(rec.fallback).inc()
+            stored = [(rec.fallback or "").encode() + b"\n" + encode(version, rec) for rec in fresh]
+            for i, value in zip(misses, stored, strict=True):
+                values[i] = value
+            await self._gather_set([keys[i] for i in misses], stored)
+        bodies = []
+        for value in values:
+            assert value is not None
+            fallback, _, body = value.partition(b"\n")
+            if fallback:
+                self.metrics.fallbacks.labels(fallback.decode()).inc()
+            bodies.append(body)
         missed = set(misses)
-        cached = [i not in missed for i in range(len(queries))]
-        return Answer(recommender.version, recommendations, cached)
+        return Answer(version, bodies, [i not in missed for i in range(len(queries))])
 
     async def _gather_get(self, keys: list[str]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.cache.get(k) for k in keys)))
