@@ -40,11 +40,6 @@ BEARER = HTTPBearer(auto_error=False, description="the API key as a bearer token
 
 
 # Dependencies are ``async def``: FastAPI runs plain ``def`` dependencies on a thread pool.
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
@@ -52,7 +47,6 @@ async def get_pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 ApiKey = Annotated[str | None, Security(API_KEY)]
 BearerKey = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
@@ -81,13 +75,19 @@ async def presented_key(request: Request) -> str | None:
     return key
 
 
-async def require_key(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
+# The key checks read the settings from the app rather than through a dependency of their
+# own: every dependant costs FastAPI work per request, and these guard the hot path.
+async def require_key(request: Request, key: ApiKey, bearer: BearerKey) -> None:
     """The API key, enforced only when MULTVAE_API_KEY is set."""
-    check_key(settings, key if key is not None else bearer.credentials if bearer else None)
+    check_key(
+        request.app.state.settings,
+        key if key is not None else bearer.credentials if bearer else None,
+    )
 
 
-async def require_admin(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
+async def require_admin(request: Request, key: ApiKey, bearer: BearerKey) -> None:
     """Admin endpoints never run unauthenticated: without a key they are off."""
+    settings: Settings = request.app.state.settings
     if settings.api_key is None:
         raise AdminDisabledError("admin endpoints are disabled: set MULTVAE_API_KEY to enable them")
     check_key(settings, key if key is not None else bearer.credentials if bearer else None)
