@@ -126,8 +126,8 @@ def check_limits(
             errors.append(FieldError(f"{prefix}{name}", message))
     # A history is a set of clicks; a repeated id usually means the client sends events or
     # counts where the model expects distinct items, so say so instead of guessing.
-    repeated = [item for item, count in Counter(request.items).items() if count > 1]
-    if repeated:
+    if len(set(request.items)) < len(request.items):
+        repeated = [item for item, count in Counter(request.items).items() if count > 1]
         shown = ", ".join(repr(i) for i in repeated[:10])
         more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
         errors.append(
