@@ -435,7 +435,7 @@ def run(args: argparse.Namespace) -> None:
         batch_seen = 1
         for workers in args.workers:
             port = _free_port()
-            argv = [*bench.server_cpus, sys.executable, "-m", "multvae.cli", "serve",
+            argv = [*bench.server_cpus, sys.executable, "-m", "multvae_cli", "serve",
                     "--model-dir", str(model_dir), "--device", "cpu",
                     "--port", str(port)]  # fmt: skip
             argv += ["--workers", str(workers)] if workers > 1 else []
