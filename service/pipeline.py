@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from multvae.recommend import Query, Recommendation
 from service.batching import MicroBatcher
-from service.cache import GuardedCache, cache_key
+from service.cache import GuardedCache, MemoryCache, cache_key
 from service.errors import NotReadyError
 from service.metrics import Metrics
 from service.registry import ModelRegistry, Served
@@ -54,6 +54,14 @@ class Pipeline:
     registry: ModelRegistry
     cache: GuardedCache
     batcher: MicroBatcher
+    # This process's copies of shared (Redis) entries, so that a hot entry costs no round
+    # trip. A copy never goes stale: a key names the model version, and the value is a
+    # function of the key. With the in-process backend it would only duplicate it: size 0.
+    near: MemoryCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        shared = self.cache.name != MemoryCache.name
+        self.near = MemoryCache(self.settings.near_cache_entries if shared else 0)
 
     def served(self) -> Served:
         served = self.registry.current
@@ -78,8 +86,8 @@ class Pipeline:
         if misses:
             fresh = await self.batcher.submit(recommender, [queries[i] for i in misses])
             stored = [(rec.fallback or "").encode() + b"\n" + encode(version, rec) for rec in fresh]
-            for i, value in zip(misses, stored, strict=True):
-                values[i] = value
+            for i, new in zip(misses, stored, strict=True):
+                values[i] = new
             await self._gather_set([keys[i] for i in misses], stored)
         bodies = []
         for value in values:
@@ -92,10 +100,22 @@ class Pipeline:
         return Answer(version, bodies, [i not in missed for i in range(len(queries))])
 
     async def _gather_get(self, keys: list[str]) -> list[bytes | None]:
-        return list(await asyncio.gather(*(self.cache.get(k) for k in keys)))
+        values = [await self.near.get(k) for k in keys]
+        far = [i for i, value in enumerate(values) if value is None]
+        if len(far) < len(keys):
+            self.metrics.cache_hits.inc(len(keys) - len(far))
+        if far:
+            fetched = await asyncio.gather(*(self.cache.get(keys[i]) for i in far))
+            for i, value in zip(far, fetched, strict=True):
+                if value is not None:
+                    values[i] = value
+                    await self.near.set(keys[i], value, self.settings.cache_ttl_s)
+        return values
 
     async def _gather_set(self, keys: list[str], values: list[bytes]) -> None:
         ttl = self.settings.cache_ttl_s
+        for k, v in zip(keys, values, strict=True):
+            await self.near.set(k, v, ttl)
         await asyncio.gather(
             *(self.cache.set(k, v, ttl) for k, v in zip(keys, values, strict=True))
         )
