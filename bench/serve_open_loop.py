@@ -3,6 +3,7 @@
     python bench/serve_open_loop.py                          # the whole matrix
     python bench/serve_open_loop.py --workers 1 --modes miss --step-s 3
     python bench/serve_open_loop.py --source /tmp/old-tree --workers 1   # another checkout
+    python bench/serve_open_loop.py --modes hit --rates 300 600   # fixed rates, no search
 
 Requests are sent at a fixed arrival rate, whatever the server answers (an open loop: a slow
 response never delays the next request, and latency counts from the request's scheduled time,
@@ -328,6 +329,14 @@ class Bench:
                 good, bad = (rate, bad) if passes(rate) else (good, rate)
         return good, steps
 
+    def at_rates(self, server: Process, mode: str, rates: list[float]) -> list[dict[str, Any]]:
+        rows = []
+        for rate in rates:
+            result = self.step(server, mode, rate, self.args.measure_s)
+            rows.append(result)
+            print(f"    {mode} at {rate:.0f} req/s: {_short(result)}", flush=True)
+        return rows
+
     def at_loads(self, server: Process, mode: str, capacity: float) -> list[dict[str, Any]]:
         rows = []
         for share in (0.5, 0.8):
@@ -453,8 +462,12 @@ def run(args: argparse.Namespace) -> None:
                                    "--duration", "1", "--seed", "0", "--prewarm"]  # fmt: skip
                         subprocess.run(prewarm, check=True, capture_output=True)
                     start = args.start_miss if mode == "miss" else args.start_hit
-                    capacity, steps = bench.capacity(server, mode, start)
-                    loads = bench.at_loads(server, mode, capacity) if capacity else []
+                    if args.rates:  # the same rates for every server: CPU per request compares
+                        capacity, steps = 0.0, []
+                        loads = bench.at_rates(server, mode, args.rates)
+                    else:
+                        capacity, steps = bench.capacity(server, mode, start)
+                        loads = bench.at_loads(server, mode, capacity) if capacity else []
                     entry[mode] = {"capacity": capacity, "loads": loads, "steps": steps}
                     if mode == "hit" and capacity:
                         hit_rates += [r["rate"] for r in loads]
@@ -522,6 +535,12 @@ def main() -> None:
     parser.add_argument("--p99-ms", type=float, default=50.0)
     parser.add_argument("--start-miss", type=float, default=20.0)
     parser.add_argument("--start-hit", type=float, default=200.0)
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        help="measure at these rates (req/s) instead of searching the capacity",
+    )
     parser.add_argument("--growth", type=float, default=1.5)
     parser.add_argument("--bisect", type=int, default=2)
     parser.add_argument("--max-rate", type=float, default=20_000.0)
