@@ -469,7 +469,7 @@ def run(args: argparse.Namespace) -> None:
                         capacity, steps = bench.capacity(server, mode, start)
                         loads = bench.at_loads(server, mode, capacity) if capacity else []
                     entry[mode] = {"capacity": capacity, "loads": loads, "steps": steps}
-                    if mode == "hit" and capacity:
+                    if mode == "hit":
                         hit_rates += [r["rate"] for r in loads]
                 summary["servers"][label] = entry
             finally:
@@ -500,7 +500,7 @@ def run(args: argparse.Namespace) -> None:
             try:
                 bench.step(server, "trivial", 200, 1.0)
                 summary["trivial"] = []
-                for rate in hit_rates:
+                for rate in dict.fromkeys(hit_rates):  # each rate once
                     result = bench.step(server, "trivial", rate, args.measure_s)
                     summary["trivial"].append(result)
                     print(f"    at {rate:.0f} req/s: {_short(result)}", flush=True)
