@@ -50,6 +50,7 @@ from typing import Any
 N_ITEMS = 20_108
 HOST = "127.0.0.1"
 POOL = 256  # distinct histories of a cache-hit run
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the trivial reference app (plain uvicorn: uvicorn serve_open_loop:trivial_app --factory) --
@@ -220,12 +221,14 @@ def _get(port: int, path: str) -> str:
 
 
 class Process:
-    def __init__(self, argv: list[str], env: dict[str, str], log: Path, port: int | None) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], log: Path, port: int | None, cwd: Path = ROOT
+    ) -> None:
         self.port = port
         self.log_path = log
         self.log = log.open("wb")
         self.proc = subprocess.Popen(
-            argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT
+            argv, env={**os.environ, **env}, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT
         )
         if port is None:
             return
@@ -450,7 +453,8 @@ def run(args: argparse.Namespace) -> None:
             argv += ["--workers", str(workers)] if workers > 1 else []
             label = f"service, {workers} worker{'s' * (workers > 1)}"
             print(f"{label}:", flush=True)
-            server = Process(argv, env, work / f"service-{workers}.log", port)
+            # In the source tree: `python -m` puts the working directory before PYTHONPATH.
+            server = Process(argv, env, work / f"service-{workers}.log", port, cwd=source)
             bench.workers = workers
             try:
                 bench.step(server, "miss", 20, 2.0)  # unrecorded: lazy initialisation
@@ -528,7 +532,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--source", default=str(Path(__file__).resolve().parents[1]),
+    parser.add_argument("--source", default=str(ROOT),
                         help="the checkout whose service runs (PYTHONPATH)")  # fmt: skip
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=["miss", "hit"], choices=("miss", "hit"))
