@@ -466,12 +466,12 @@ def run(args: argparse.Namespace) -> None:
                                    "--duration", "1", "--seed", "0", "--prewarm"]  # fmt: skip
                         subprocess.run(prewarm, check=True, capture_output=True)
                     start = args.start_miss if mode == "miss" else args.start_hit
-                    if args.rates:  # the same rates for every server: CPU per request compares
-                        capacity, steps = 0.0, []
-                        loads = bench.at_rates(server, mode, args.rates)
-                    else:
+                    if not args.rates:
                         capacity, steps = bench.capacity(server, mode, start)
                         loads = bench.at_loads(server, mode, capacity) if capacity else []
+                    else:  # the same rates for every server, so CPU per request compares
+                        capacity, steps = 0.0, []
+                        loads = bench.at_rates(server, mode, args.rates)
                     entry[mode] = {"capacity": capacity, "loads": loads, "steps": steps}
                     if mode == "hit":
                         hit_rates += [r["rate"] for r in loads]
