@@ -82,7 +82,8 @@ class Pipeline:
         prefix = f"{self.settings.cache_prefix}:{LAYOUT}"
         keys = [cache_key(prefix, version, q) for q in queries]
         values = await self._gather_get(keys)
-        misses = [i for i, value in enumerate(values) if value is None]
+        # A value without the layout's newline is no entry of ours: a miss, and overwritten.
+        misses = [i for i, value in enumerate(values) if value is None or b"\n" not in value]
         if misses:
             fresh = await self.batcher.submit(recommender, [queries[i] for i in misses])
             stored = [(rec.fallback or "").encode() + b"\n" + encode(version, rec) for rec in fresh]

@@ -12,7 +12,10 @@ from fastapi.testclient import TestClient
 from service_support import IDS, RedisServer, Trained, free_port, make_settings, metric_value
 
 from multvae.artifacts import write_version
+from multvae.recommend import Query
 from service.app import create_app
+from service.cache import cache_key
+from service.pipeline import LAYOUT
 
 KEY = {"X-API-Key": "s3cret"}
 
@@ -62,6 +65,19 @@ def test_batch_mixes_hits_and_misses(cached_client: TestClient) -> None:
         headers=KEY,
     )
     assert [r["cached"] for r in response.json()["results"]] == [True, False]
+
+
+def test_an_entry_in_another_layout_is_a_miss_and_replaced(cached_client: TestClient) -> None:
+    body = {"items": [IDS[50], IDS[51]], "n": 5}
+    first = _post(cached_client, body)
+    pipeline = cached_client.app.state.pipeline  # type: ignore[attr-defined]
+    prefix = f"{pipeline.settings.cache_prefix}:{LAYOUT}"
+    key = cache_key(prefix, first["model_version"], Query([IDS[50], IDS[51]], 5))
+    assert cached_client.portal is not None
+    cached_client.portal.call(pipeline.near.close)  # drop this process's copy
+    cached_client.portal.call(pipeline.cache.set, key, b'{"not": "a body"}', 60.0)
+    assert _post(cached_client, body) == first  # recomputed, not the foreign value
+    assert _post(cached_client, body) == {**first, "cached": True}
 
 
 def test_a_new_model_version_misses(cached_client: TestClient, trained: Trained) -> None:
