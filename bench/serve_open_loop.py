@@ -3,6 +3,7 @@
     python bench/serve_open_loop.py                          # the whole matrix
     python bench/serve_open_loop.py --workers 1 --modes miss --step-s 3
     python bench/serve_open_loop.py --source /tmp/old-tree --workers 1   # another checkout
+    python bench/serve_open_loop.py --modes hit --rates 300 600   # fixed rates, no search
 
 Requests are sent at a fixed arrival rate, whatever the server answers (an open loop: a slow
 response never delays the next request, and latency counts from the request's scheduled time,
@@ -49,6 +50,7 @@ from typing import Any
 N_ITEMS = 20_108
 HOST = "127.0.0.1"
 POOL = 256  # distinct histories of a cache-hit run
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the trivial reference app (plain uvicorn: uvicorn serve_open_loop:trivial_app --factory) --
@@ -220,19 +222,14 @@ def _get(port: int, path: str) -> str:
 
 class Process:
     def __init__(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        log: Path,
-        port: int | None,
-        cwd: Path | None = None,
+        self, argv: list[str], env: dict[str, str], log: Path, port: int | None, cwd: Path = ROOT
     ) -> None:
         self.port = port
         self.log_path = log
         self.log = log.open("wb")
         # cwd: `python -m` puts the working directory before PYTHONPATH on sys.path.
         self.proc = subprocess.Popen(
-            argv, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd
+            argv, env={**os.environ, **env}, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT
         )
         if port is None:
             return
@@ -335,6 +332,14 @@ class Bench:
                 rate = (good * bad) ** 0.5
                 good, bad = (rate, bad) if passes(rate) else (good, rate)
         return good, steps
+
+    def at_rates(self, server: Process, mode: str, rates: list[float]) -> list[dict[str, Any]]:
+        rows = []
+        for rate in rates:
+            result = self.step(server, mode, rate, self.args.measure_s)
+            rows.append(result)
+            print(f"    {mode} at {rate:.0f} req/s: {_short(result)}", flush=True)
+        return rows
 
     def at_loads(self, server: Process, mode: str, capacity: float) -> list[dict[str, Any]]:
         rows = []
@@ -461,10 +466,14 @@ def run(args: argparse.Namespace) -> None:
                                    "--duration", "1", "--seed", "0", "--prewarm"]  # fmt: skip
                         subprocess.run(prewarm, check=True, capture_output=True)
                     start = args.start_miss if mode == "miss" else args.start_hit
-                    capacity, steps = bench.capacity(server, mode, start)
-                    loads = bench.at_loads(server, mode, capacity) if capacity else []
+                    if not args.rates:
+                        capacity, steps = bench.capacity(server, mode, start)
+                        loads = bench.at_loads(server, mode, capacity) if capacity else []
+                    else:  # the same rates for every server, so CPU per request compares
+                        capacity, steps = 0.0, []
+                        loads = bench.at_rates(server, mode, args.rates)
                     entry[mode] = {"capacity": capacity, "loads": loads, "steps": steps}
-                    if mode == "hit" and capacity:
+                    if mode == "hit":
                         hit_rates += [r["rate"] for r in loads]
                 summary["servers"][label] = entry
             finally:
@@ -495,7 +504,7 @@ def run(args: argparse.Namespace) -> None:
             try:
                 bench.step(server, "trivial", 200, 1.0)
                 summary["trivial"] = []
-                for rate in hit_rates:
+                for rate in dict.fromkeys(hit_rates):  # each rate once
                     result = bench.step(server, "trivial", rate, args.measure_s)
                     summary["trivial"].append(result)
                     print(f"    at {rate:.0f} req/s: {_short(result)}", flush=True)
@@ -523,13 +532,19 @@ def main() -> None:
     p.add_argument("--batch", type=int, required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--repeat", type=int, default=30)
-    parser.add_argument("--source", default=str(Path(__file__).resolve().parents[1]),
+    parser.add_argument("--source", default=str(ROOT),
                         help="the checkout whose service runs (PYTHONPATH)")  # fmt: skip
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=["miss", "hit"], choices=("miss", "hit"))
     parser.add_argument("--p99-ms", type=float, default=50.0)
     parser.add_argument("--start-miss", type=float, default=20.0)
     parser.add_argument("--start-hit", type=float, default=200.0)
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        help="measure at these rates (req/s) instead of searching the capacity",
+    )
     parser.add_argument("--growth", type=float, default=1.5)
     parser.add_argument("--bisect", type=int, default=2)
     parser.add_argument("--max-rate", type=float, default=20_000.0)

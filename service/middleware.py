@@ -202,16 +202,19 @@ class RequestMiddleware:
         children[0].inc()
         if children[1] is not None:
             children[1].observe(seconds)
-        if self.log_access:
-            access_log.info(
-                "request",
-                extra={
-                    "method": method,
-                    "route": template,
-                    "status": status,
-                    "latency_ms": round(seconds * 1000, 3),
-                    "cache": info.cache,
-                    "model_version": info.model_version,
-                    "request_id": info.request_id,
-                },
+        if self.log_access and access_log.isEnabledFor(logging.INFO):
+            fields = {
+                "method": method,
+                "route": template,
+                "status": status,
+                "latency_ms": round(seconds * 1000, 3),
+                "cache": info.cache,
+                "model_version": info.model_version,
+                "request_id": info.request_id,
+            }
+            # Logger.info() would also walk the stack for the caller's file and line, which
+            # an access line never shows; makeRecord + handle is the same record without it.
+            record = access_log.makeRecord(
+                access_log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
             )
+            access_log.handle(record)

@@ -1,4 +1,4 @@
-"""The recommend pipeline: queries -> cache -> micro-batched fold-in -> recommendations.
+"""The recommend pipeline: queries -> cache -> micro-batched fold-in -> encoded answers.
 
 Everything a request needs lives on one :class:`Pipeline`, built in the app's lifespan. The
 served version is read once per call, so a hot swap never changes it under a request. This
@@ -7,14 +7,12 @@ module knows nothing of HTTP: the routes turn an :class:`Answer` into a response
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-import orjson
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from multvae.recommend import Query, Recommendation
 from service.batching import MicroBatcher
-from service.cache import GuardedCache, cache_key
+from service.cache import GuardedCache, MemoryCache, cache_key
 from service.errors import NotReadyError
 from service.metrics import Metrics
 from service.registry import ModelRegistry, Served
@@ -30,26 +28,22 @@ class UnknownItemsError(Exception):
         self.unknown = unknown  # per query, in order; empty where all ids are known
 
 
+# The caller's wire form of one recommendation (for the routes, the JSON response body).
+Encoder = Callable[[str, Recommendation], bytes]
+
+# What the cache holds for a query: the fallback kind (empty for none), a newline, then the
+# encoded recommendation, so a hit is answered without decoding and re-encoding anything.
+# Part of every key: entries written in another layout (an older replica) are never read.
+LAYOUT = "body1"
+
+
 @dataclass(frozen=True)
 class Answer:
-    """Recommendations for the queries, in order, and which of them the cache answered."""
+    """Encoded recommendations for the queries, in order, and which the cache answered."""
 
     version: str
-    recommendations: list[Recommendation]
+    bodies: list[bytes]
     cached: list[bool]
-
-
-def _to_json(rec: Recommendation) -> bytes:
-    return orjson.dumps({"items": rec.items, "unknown": rec.unknown, "fallback": rec.fallback})
-
-
-def _from_json(value: bytes) -> Recommendation | None:
-    try:
-        data = orjson.loads(value)
-        items = [(str(item), float(score)) for item, score in data["items"]]
-        return Recommendation(items, [str(u) for u in data["unknown"]], data["fallback"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None  # an entry from an incompatible writer is just a miss
 
 
 @dataclass
@@ -59,6 +53,14 @@ class Pipeline:
     registry: ModelRegistry
     cache: GuardedCache
     batcher: MicroBatcher
+    # This process's copies of shared (Redis) entries, so that a hot entry costs no round
+    # trip. A copy never goes stale: a key names the model version, and the value is a
+    # function of the key. With the in-process backend it would only duplicate it: size 0.
+    near: MemoryCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        shared = self.cache.name != MemoryCache.name
+        self.near = MemoryCache(self.settings.near_cache_entries if shared else 0)
 
     def served(self) -> Served:
         served = self.registry.current
@@ -67,33 +69,55 @@ class Pipeline:
         return served
 
     async def recommend(
-        self, queries: Sequence[Query], strict: bool, client: str = ""
+        self, queries: Sequence[Query], strict: bool, encode: Encoder, client: str = ""
     ) -> Answer:
-        """Recommendations for ``queries``; cache misses share one forward pass, in which
-        ``client`` (who asks) may hold only its fair share of the queue."""
+        """``queries`` answered as ``encode`` makes them; cache misses share one forward pass,
+        in which ``client`` (who asks) may hold only its fair share of the queue."""
         recommender = self.served().recommender
+        version = recommender.version
         unknown = [recommender.unknown(q.items) for q in queries]
         unknown_count = sum(len(u) for u in unknown)
         if unknown_count:
             self.metrics.unknown_items.inc(unknown_count)
             if strict:
-                raise UnknownItemsError(recommender.version, unknown)
-        prefix = self.settings.cache_prefix
-        keys = [cache_key(prefix, recommender.version, q) for q in queries]
-        found = [None if v is None else _from_json(v) for v in await self.cache.get_many(keys)]
-        misses = [i for i, hit in enumerate(found) if hit is None]
+                raise UnknownItemsError(version, unknown)
+        prefix = f"{self.settings.cache_prefix}:{LAYOUT}"
+        keys = [cache_key(prefix, version, q) for q in queries]
+        values = await self._get_many(keys)
+        # A value without the layout's newline is no entry of ours: a miss, and overwritten.
+        misses = [i for i, value in enumerate(values) if value is None or b"\n" not in value]
         if misses:
             fresh = await self.batcher.submit(recommender, [queries[i] for i in misses], client)
-            for i, rec in zip(misses, fresh, strict=True):
-                found[i] = rec
-            await self.cache.set_many(
-                [(keys[i], _to_json(r)) for i, r in zip(misses, fresh, strict=True)],
-                self.settings.cache_ttl_s,
-            )
-        recommendations = [rec for rec in found if rec is not None]
-        for rec in recommendations:
-            if rec.fallback is not None:
-                self.metrics.fallbacks.labels(rec.fallback).inc()
+            stored = [(rec.fallback or "").encode() + b"\n" + encode(version, rec) for rec in fresh]
+            for i, new in zip(misses, stored, strict=True):
+                values[i] = new
+            await self._set_many([(keys[i], v) for i, v in zip(misses, stored, strict=True)])
+        bodies = []
+        for value in values:
+            assert value is not None
+            fallback, _, body = value.partition(b"\n")
+            if fallback:
+                self.metrics.fallbacks.labels(fallback.decode()).inc()
+            bodies.append(body)
         missed = set(misses)
-        cached = [i not in missed for i in range(len(queries))]
-        return Answer(recommender.version, recommendations, cached)
+        return Answer(version, bodies, [i not in missed for i in range(len(queries))])
+
+    async def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The near copies first, then one round trip to the shared cache for the rest."""
+        values = await self.near.get_many(keys)
+        far = [i for i, value in enumerate(values) if value is None]
+        if len(far) < len(keys):
+            self.metrics.cache_hits.inc(len(keys) - len(far))
+        if far:
+            fetched = await self.cache.get_many([keys[i] for i in far])
+            found = []
+            for i, value in zip(far, fetched, strict=True):
+                if value is not None:
+                    values[i] = value
+                    found.append((keys[i], value))
+            await self.near.set_many(found, self.settings.cache_ttl_s)
+        return values
+
+    async def _set_many(self, entries: list[tuple[str, bytes]]) -> None:
+        await self.near.set_many(entries, self.settings.cache_ttl_s)
+        await self.cache.set_many(entries, self.settings.cache_ttl_s)

@@ -9,6 +9,7 @@ import json
 from collections import Counter
 from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -16,6 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from multvae import recommend
+from multvae.recommend import Recommendation
 from service.errors import (
     AdminDisabledError,
     FieldError,
@@ -37,7 +39,6 @@ from service.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
-    ScoredItem,
 )
 from service.settings import Settings
 
@@ -46,11 +47,6 @@ BEARER = HTTPBearer(auto_error=False, description="the API key as a bearer token
 
 
 # Dependencies are ``async def``: FastAPI runs plain ``def`` dependencies on a thread pool.
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
@@ -58,7 +54,6 @@ async def get_pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 ApiKey = Annotated[str | None, Security(API_KEY)]
 BearerKey = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
@@ -92,13 +87,16 @@ async def presented_key(request: Request) -> str | None:
     return _presented(await API_KEY(request), await BEARER(request))
 
 
-async def require_key(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
+# The key checks read the settings from the app rather than through a dependency of their
+# own: every dependant costs FastAPI work per request, and these guard the hot path.
+async def require_key(request: Request, key: ApiKey, bearer: BearerKey) -> None:
     """The API key, enforced only when MULTVAE_API_KEY is set."""
-    check_key(settings, _presented(key, bearer))
+    check_key(request.app.state.settings, _presented(key, bearer))
 
 
-async def require_admin(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
+async def require_admin(request: Request, key: ApiKey, bearer: BearerKey) -> None:
     """Admin endpoints never run unauthenticated: without a key they are off."""
+    settings: Settings = request.app.state.settings
     if settings.api_key is None:
         raise AdminDisabledError("admin endpoints are disabled: set MULTVAE_API_KEY to enable them")
     check_key(settings, _presented(key, bearer))
@@ -163,8 +161,8 @@ def check_limits(
             errors.append(FieldError(f"{prefix}{name}", message))
     # A history is a set of clicks; a repeated id usually means the client sends events or
     # counts where the model expects distinct items, so say so instead of guessing.
-    repeated = [item for item, count in Counter(request.items).items() if count > 1]
-    if repeated:
+    if len(set(request.items)) < len(request.items):
+        repeated = [item for item, count in Counter(request.items).items() if count > 1]
         shown = ", ".join(repr(i) for i in repeated[:10])
         more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
         errors.append(
@@ -189,6 +187,21 @@ def client_of(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
 
+def encode(version: str, rec: Recommendation) -> bytes:
+    """A :class:`RecommendResponse` as JSON, less its last field, ``cached``: this is what the
+    cache keeps, and a hit is answered with these bytes as they are (see :func:`_body`)."""
+    items = [{"item": item, "score": score} for item, score in rec.items]
+    return orjson.dumps(
+        {"items": items, "model_version": version, "unknown_items": rec.unknown,
+         "fallback": rec.fallback}
+    )  # fmt: skip
+
+
+def _body(answer: Answer, i: int) -> bytes:
+    """The i-th encoded answer with ``cached`` added in place of its closing brace."""
+    return answer.bodies[i][:-1] + (b',"cached":true}' if answer.cached[i] else b',"cached":false}')
+
+
 async def _answer(
     request: Request,
     pipeline: Pipeline,
@@ -199,7 +212,8 @@ async def _answer(
     queries = [recommend.Query(b.items, b.n, b.exclude) for b in bodies]
     try:
         answer = await pipeline.recommend(
-            queries, pipeline.settings.strict if strict is None else strict, client_of(request)
+            queries, pipeline.settings.strict if strict is None else strict, encode,
+            client_of(request),
         )
     except UnknownItemsError as exc:
         raise InvalidRequestError.of(
@@ -221,38 +235,30 @@ async def _answer(
     return answer
 
 
-def _response(answer: Answer, i: int) -> RecommendResponse:
-    rec = answer.recommendations[i]
-    return RecommendResponse(
-        items=[ScoredItem(item=item, score=score) for item, score in rec.items],
-        model_version=answer.version,
-        unknown_items=rec.unknown,
-        fallback=rec.fallback,
-        cached=answer.cached[i],
-    )
-
-
-@recommend_router.post("/recommend")
+# The routes answer with the bytes they built, which FastAPI sends as they are; response_model
+# still documents them in OpenAPI.
+@recommend_router.post("/recommend", response_model=RecommendResponse)
 async def recommend_one(
     body: RecommendRequest,
     request: Request,
     pipeline: PipelineDep,
     strict: Strict = None,
-) -> RecommendResponse:
+) -> Response:
     """Top-n items for one click history, history and exclude never returned."""
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)
-    return _response(await _answer(request, pipeline, [body], strict, [""]), 0)
+    answer = await _answer(request, pipeline, [body], strict, [""])
+    return Response(_body(answer, 0), media_type="application/json")
 
 
-@recommend_router.post("/recommend/batch")
+@recommend_router.post("/recommend/batch", response_model=BatchResponse)
 async def recommend_batch(
     body: BatchRequest,
     request: Request,
     pipeline: PipelineDep,
     strict: Strict = None,
-) -> BatchResponse:
+) -> Response:
     """Many histories in one forward pass, answered in order."""
     settings = pipeline.settings
     if len(body.requests) > settings.max_batch_requests:
@@ -270,7 +276,8 @@ async def recommend_batch(
     if errors:
         raise InvalidRequestError.of(errors)
     answer = await _answer(request, pipeline, body.requests, strict, prefixes)
-    return BatchResponse(results=[_response(answer, i) for i in range(len(body.requests))])
+    results = b",".join(_body(answer, i) for i in range(len(body.requests)))
+    return Response(b'{"results":[' + results + b"]}", media_type="application/json")
 
 
 @router.get("/healthz")

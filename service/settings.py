@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     cache_ttl_s: float = Field(default=300.0, gt=0.0)
     cache_max_entries: int = Field(default=100_000, ge=0)  # in-process LRU only; 0 = off
     cache_prefix: str = "multvae:rec"
+    # With Redis: entries this process keeps a copy of, checked before Redis; 0 = off.
+    near_cache_entries: int = Field(default=10_000, ge=0)
     redis_timeout_ms: float = Field(default=100.0, gt=0.0)
     # After Redis could not be reached, skip it and let one request probe it every this many
     # seconds, so a dead server costs one timeout per period, not one per request.

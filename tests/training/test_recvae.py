@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from multvae_cli import main
 
 from multvae.artifacts import load_version
 from multvae.model import ModelConfig, MultVAE, SparseRows
 from multvae.recommend import rank_rows
+from multvae_cli import main
 from service.app import create_app
 from service.settings import Settings
 from training.dataset import Split

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-from multvae_cli import main
 
 from multvae.artifacts import current_version, list_versions, load_version, verify_version
+from multvae_cli import main
 from training.tune import parse_duration, study_path
 
 
