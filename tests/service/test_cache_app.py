@@ -75,7 +75,7 @@ def test_an_entry_in_another_layout_is_a_miss_and_replaced(cached_client: TestCl
     key = cache_key(prefix, first["model_version"], Query([IDS[50], IDS[51]], 5))
     assert cached_client.portal is not None
     cached_client.portal.call(pipeline.near.close)  # drop this process's copy
-    cached_client.portal.call(pipeline.cache.set, key, b'{"not": "a body"}', 60.0)
+    cached_client.portal.call(pipeline.cache.set_many, [(key, b'{"not": "a body"}')], 60.0)
     assert _post(cached_client, body) == first  # recomputed, not the foreign value
     assert _post(cached_client, body) == {**first, "cached": True}
 
