@@ -2,7 +2,7 @@
 
     python bench/read_memory.py make --dir /tmp/msd-bench [--shape msd] [--parts 10]
     python bench/read_memory.py read /tmp/msd-bench/train_triplets.txt [--prepare]
-    python bench/read_memory.py read /tmp/msd-bench/parts --format parquet [--prepare]
+    python bench/read_memory.py read /tmp/msd-bench/parts --count-col count [--prepare]
 
 ``make`` writes one synthetic set three ways: MSD's ``train_triplets.txt`` layout, one Parquet
 file, and a directory of ``--parts`` Parquet files (as daily partitions would be). ``read``
@@ -49,12 +49,13 @@ def make(directory: Path, shape: str, parts: int, seed: int) -> None:
     print(f"wrote {table.num_rows:,} rows to {directory} (triplets, one parquet, {parts} parts)")
 
 
-def read(path: Path, fmt: str, with_prepare: bool, preset: str | None) -> None:
+def read(path: Path, fmt: str, with_prepare: bool, preset: str | None,
+         count_col: str | None) -> None:
     gib = 1024**3
     base = peak_rss_bytes()
     tic = time.perf_counter()
     if with_prepare:
-        data = prepare(DataSpec(str(path), fmt, preset=preset))
+        data = prepare(DataSpec(str(path), fmt, count_col=count_col, preset=preset))
         split = data.split
         clicks = split.train.nnz + split.validation.fold_in.nnz + split.validation.targets.nnz \
             + split.test.fold_in.nnz + split.test.targets.nnz
@@ -62,7 +63,7 @@ def read(path: Path, fmt: str, with_prepare: bool, preset: str | None) -> None:
         rows = data.filter_stats["rows_read"]
         what = "read + preprocess + split"
     else:
-        inter = read_interactions(path, fmt)
+        inter = read_interactions(path, fmt, rating_col=count_col)
         clicks = rows = len(inter)
         users = len(inter.user_ids)
         what = "read"
@@ -87,11 +88,12 @@ def main() -> None:
     p.add_argument("--format", default="auto")
     p.add_argument("--prepare", action="store_true")
     p.add_argument("--preset", help="with --prepare: a paper preset (msd), else the defaults")
+    p.add_argument("--count-col", help="a Parquet/CSV file's play count column (`count`)")
     args = parser.parse_args()
     if args.command == "make":
         make(args.dir, args.shape, args.parts, args.seed)
     else:
-        read(args.path, args.format, args.prepare, args.preset)
+        read(args.path, args.format, args.prepare, args.preset, args.count_col)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Every big format is parsed by a C parser (pyarrow, or pandas for Netflix) with explicit
 dtypes; Python only ever loops over a few lines (sniffing), per-movie headers, titles files,
-or - when a parser fails - over the file once more to name the first bad line. String ids are
-dictionary-encoded so that MSD's 48M rows never become 48M Python strings.
+or - when a parser fails - over the file once more to name the first bad line. CSV/TSV, the
+headerless layouts and Parquet (a file or a directory of files) are streamed: each block of
+rows is encoded to int32 codes as it comes (:class:`IdEncoder`) and dropped, so no table of
+every row is ever held; only each batch's distinct ids become Python objects.
 """
 
 from __future__ import annotations
