@@ -399,3 +399,15 @@ def test_batches_with_their_own_dictionaries_encode_as_one_column(tmp_path: Path
     assert inter.value is None
     with pytest.raises(DataError, match="has no interactions"):
         stream_interactions(tmp_path / "f", iter([]), "u", "i", None, "csv", None, 0)
+
+
+def test_parquet_float_ids_are_numbers_when_whole_and_nan_is_no_id(tmp_path: Path) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"user": [2.0, 1.0, 2.0], "item": [1.5, 2.0, 1.5]}), path)
+    inter = read_interactions(path)
+    assert inter.user_ids.tolist() == [1, 2]
+    assert inter.item_ids.tolist() == ["1.5", "2"]
+    assert inter.item.tolist() == [0, 1, 0]
+    pq.write_table(pa.table({"user": [2.0, 1.0], "item": [1.0, float("nan")]}), path)
+    with pytest.raises(MalformedLineError, match="line 2"):
+        read_interactions(path)
