@@ -86,7 +86,8 @@ def filter_interactions(
         ok = (activity >= prep.min_user_clicks)[user]
         stats["rows_rare_users"] = int(len(rows) - ok.sum())
         stats["users_dropped"] = int(((activity > 0) & (activity < prep.min_user_clicks)).sum())
-        rows, user = rows[ok], user[ok]
+        rows = rows[ok]
+    del user, item  # compact re-reads the codes of the kept rows
     if len(rows) == 0:
         raise DataError(
             f"no interactions left after preprocessing ({prep}); "
@@ -103,11 +104,14 @@ def compact(inter: Interactions, rows: NDArray[np.int64]) -> Interactions:
     used_users[inter.user[rows]] = True
     user_map = np.cumsum(used_users, dtype=np.int32) - 1  # old code -> new code, order kept
     user = user_map[inter.user[rows]]
-    item_codes, first_seen = pd.factorize(inter.item[rows], sort=False)
-    item_ids = inter.item_ids[np.asarray(first_seen, dtype=np.int64)]
+    item = inter.item[rows]
+    first_seen = pd.unique(item)  # old codes in order of first appearance
+    item_map = np.empty(len(inter.item_ids), dtype=np.int32)
+    item_map[first_seen] = np.arange(len(first_seen), dtype=np.int32)
+    item_ids = inter.item_ids[first_seen]
     value = inter.value[rows] if inter.value is not None else None
     return Interactions(
-        user=user, item=item_codes.astype(np.int32), value=value,
+        user=user, item=item_map[item], value=value,
         user_ids=inter.user_ids[used_users], item_ids=item_ids,
         source=inter.source, titles=inter.titles,  # shared: only ever read
     )
