@@ -74,19 +74,21 @@ def filter_interactions(
     stats["duplicate_rows"] = int(len(user) - first.sum())
     rows = np.flatnonzero(first) if rows is None else rows[first]
     user, item = user[first], item[first]
+    # One mask for both filters: row copies are made once, after them.
+    ok = np.ones(len(rows), dtype=bool)
     if prep.min_item_users > 1:
         # After de-duplication a row is one distinct user, so row counts are user counts.
         pop = np.bincount(item, minlength=len(inter.item_ids))
         ok = (pop >= prep.min_item_users)[item]
         stats["rows_rare_items"] = int(len(rows) - ok.sum())
         stats["items_dropped"] = int(((pop > 0) & (pop < prep.min_item_users)).sum())
-        rows, user, item = rows[ok], user[ok], item[ok]
     if prep.min_user_clicks > 1:
-        activity = np.bincount(user, minlength=len(inter.user_ids))
-        ok = (activity >= prep.min_user_clicks)[user]
-        stats["rows_rare_users"] = int(len(rows) - ok.sum())
+        activity = np.bincount(user[ok], minlength=len(inter.user_ids))
+        active = (activity >= prep.min_user_clicks)[user] & ok
+        stats["rows_rare_users"] = int(ok.sum() - active.sum())
         stats["users_dropped"] = int(((activity > 0) & (activity < prep.min_user_clicks)).sum())
-        rows = rows[ok]
+        ok = active
+    rows = rows[ok]
     del user, item  # compact re-reads the codes of the kept rows
     if len(rows) == 0:
         raise DataError(
