@@ -376,7 +376,7 @@ def stream_interactions(
         if part != source:
             source, offset = part, 0
         for encoder, name, role in ((users, user, "user id"), (items, item, "item id")):
-            bad = encoder.add(batch.column(name), source)
+            bad = encoder.add(batch.column(name), f"{source}: column {name!r}")
             if bad is not None:
                 raise _missing(source, check, skip, role, offset + bad)
         if value is not None:
@@ -419,7 +419,7 @@ class IdEncoder:
         self.chunks: list[NDArray[np.int32]] = []
         self.kind: str | None = None  # "int", "float" or "str": one per column
 
-    def add(self, column: pa.Array, source: Path) -> int | None:
+    def add(self, column: pa.Array, where: str) -> int | None:
         """Encode one batch's column; the position of its first missing id, if any."""
         if column.null_count:
             return int(pc.index(pc.is_null(column), True).as_py())
@@ -431,16 +431,20 @@ class IdEncoder:
             keys = uniques.tolist()
         else:
             kind = "str"
+            text = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+            if not (pa.types.is_string(text) or pa.types.is_large_string(text)):
+                raise DataError(f"{where} holds {column.type}; ids must be strings or integers, "
+                                "one interaction per row (explode list columns first)")
             if not pa.types.is_dictionary(column.type):
-                column = column.cast(pa.string()).dictionary_encode()
+                column = column.dictionary_encode()
             indices = column.indices.to_numpy(zero_copy_only=False)
             local, used = pd.factorize(indices, sort=False)
             keys = column.dictionary.take(pa.array(used)).cast(pa.string()).to_pylist()
             if "" in keys:  # an empty field parses as the id "": reject it
                 return int(np.argmax(local == keys.index("")))
         if self.kind is not None and kind != self.kind:
-            raise DataError(f"{source}: {kind} ids where earlier rows had {self.kind} ids; "
-                            "every file of a data set needs the same column types")
+            raise DataError(f"{where} holds {kind} ids where earlier rows had {self.kind} "
+                            "ids; every file of a data set needs the same column types")
         self.kind = kind
         codes = self.codes
         known = np.fromiter((codes.setdefault(k, len(codes)) for k in keys), dtype=np.int32,

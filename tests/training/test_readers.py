@@ -372,7 +372,7 @@ def test_parquet_directory_errors_name_the_file(tmp_path: Path) -> None:
     assert err.value.path == str(tmp_path / "b.parquet")
     assert err.value.line == 2  # the file's own row
     pq.write_table(pa.table({"user": ["3"], "item": [7]}), tmp_path / "b.parquet")
-    with pytest.raises(DataError, match=r"b\.parquet: str ids where earlier rows had int ids"):
+    with pytest.raises(DataError, match=r"b\.parquet: column 'user' holds str ids where earlier"):
         read_interactions(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -410,4 +410,11 @@ def test_parquet_float_ids_are_numbers_when_whole_and_nan_is_no_id(tmp_path: Pat
     assert inter.item.tolist() == [0, 1, 0]
     pq.write_table(pa.table({"user": [2.0, 1.0], "item": [1.0, float("nan")]}), path)
     with pytest.raises(MalformedLineError, match="line 2"):
+        read_interactions(path)
+
+
+def test_parquet_list_ids_are_refused_with_the_column_named(tmp_path: Path) -> None:
+    path = tmp_path / "baskets.parquet"
+    pq.write_table(pa.table({"user": [1, 2], "item": [["a", "b"], ["c"]]}), path)
+    with pytest.raises(DataError, match=r"column 'item' holds list<.*explode list columns"):
         read_interactions(path)
