@@ -80,7 +80,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data", required=required,
-        help="interaction file (or a Netflix, FilmTrust or CiteULike directory)",
+        help="interaction file (or a Netflix, FilmTrust, CiteULike or Parquet directory)",
     )
     g.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     g.add_argument("--user-col", help="user column of a generic CSV/TSV/Parquet file")

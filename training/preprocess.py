@@ -38,8 +38,8 @@ def first_occurrences(user: NDArray[np.int32], item: NDArray[np.int32]) -> NDArr
     else:
         key = item.astype(np.int64) * (int(user.max()) + 1) + user
     order = np.argsort(key, kind="stable")  # equal keys stay in file order
-    sorted_key = key[order]
-    keep[order[1:][sorted_key[1:] == sorted_key[:-1]]] = False
+    key.sort(kind="stable")  # in place (already sorted runs: linear): no third array of N
+    keep[order[1:][key[1:] == key[:-1]]] = False
     return keep
 
 
@@ -57,33 +57,39 @@ def filter_interactions(
     stats = {"rows_read": len(inter), "users_read": len(inter.user_ids),
              "items_read": len(inter.item_ids), "rows_rare_items": 0, "items_dropped": 0,
              "rows_rare_users": 0, "users_dropped": 0}
-    keep = np.ones(len(inter), dtype=bool)
+    # Row numbers and copies of the codes only for the rows kept: with no rating threshold
+    # the de-duplication reads the codes themselves (N rows of int64 less at the peak).
+    rows: NDArray[np.int64] | None = None
+    user, item = inter.user, inter.item
     if prep.min_rating is not None:
         if inter.value is None:
             raise DataError(
                 f"min_rating {prep.min_rating} needs ratings but the data has none; "
                 "pass min_rating=None (--keep-all-ratings) or name the rating column"
             )
-        keep &= inter.value > prep.min_rating
-    stats["rows_below_rating"] = int(len(inter) - keep.sum())
-    rows = np.flatnonzero(keep)
-    user, item = inter.user[rows], inter.item[rows]
+        rows = np.flatnonzero(inter.value > prep.min_rating)
+        user, item = user[rows], item[rows]
+    stats["rows_below_rating"] = len(inter) - len(user)
     first = first_occurrences(user, item)
-    stats["duplicate_rows"] = int(len(rows) - first.sum())
-    rows, user, item = rows[first], user[first], item[first]
+    stats["duplicate_rows"] = int(len(user) - first.sum())
+    rows = np.flatnonzero(first) if rows is None else rows[first]
+    user, item = user[first], item[first]
+    # One mask for both filters: row copies are made once, after them.
+    ok = np.ones(len(rows), dtype=bool)
     if prep.min_item_users > 1:
         # After de-duplication a row is one distinct user, so row counts are user counts.
         pop = np.bincount(item, minlength=len(inter.item_ids))
-        ok = pop[item] >= prep.min_item_users
+        ok = (pop >= prep.min_item_users)[item]
         stats["rows_rare_items"] = int(len(rows) - ok.sum())
         stats["items_dropped"] = int(((pop > 0) & (pop < prep.min_item_users)).sum())
-        rows, user, item = rows[ok], user[ok], item[ok]
     if prep.min_user_clicks > 1:
-        activity = np.bincount(user, minlength=len(inter.user_ids))
-        ok = activity[user] >= prep.min_user_clicks
-        stats["rows_rare_users"] = int(len(rows) - ok.sum())
+        activity = np.bincount(user[ok], minlength=len(inter.user_ids))
+        active = (activity >= prep.min_user_clicks)[user] & ok
+        stats["rows_rare_users"] = int(ok.sum() - active.sum())
         stats["users_dropped"] = int(((activity > 0) & (activity < prep.min_user_clicks)).sum())
-        rows, user = rows[ok], user[ok]
+        ok = active
+    rows = rows[ok]
+    del user, item  # compact re-reads the codes of the kept rows
     if len(rows) == 0:
         raise DataError(
             f"no interactions left after preprocessing ({prep}); "
@@ -98,13 +104,16 @@ def compact(inter: Interactions, rows: NDArray[np.int64]) -> Interactions:
     """The given rows (in that order) with unused users and items dropped from the id lists."""
     used_users = np.zeros(len(inter.user_ids), dtype=bool)
     used_users[inter.user[rows]] = True
-    user_map = np.cumsum(used_users, dtype=np.int64) - 1  # old code -> new code, order kept
-    user = user_map[inter.user[rows]].astype(np.int32)
-    item_codes, first_seen = pd.factorize(inter.item[rows], sort=False)
-    item_ids = inter.item_ids[np.asarray(first_seen, dtype=np.int64)]
+    user_map = np.cumsum(used_users, dtype=np.int32) - 1  # old code -> new code, order kept
+    user = user_map[inter.user[rows]]
+    item = inter.item[rows]
+    first_seen = pd.unique(item)  # old codes in order of first appearance
+    item_map = np.empty(len(inter.item_ids), dtype=np.int32)
+    item_map[first_seen] = np.arange(len(first_seen), dtype=np.int32)
+    item_ids = inter.item_ids[first_seen]
     value = inter.value[rows] if inter.value is not None else None
     return Interactions(
-        user=user, item=item_codes.astype(np.int32), value=value,
+        user=user, item=item_map[item], value=value,
         user_ids=inter.user_ids[used_users], item_ids=item_ids,
         source=inter.source, titles=inter.titles,  # shared: only ever read
     )

@@ -2,15 +2,17 @@
 
 Every big format is parsed by a C parser (pyarrow, or pandas for Netflix) with explicit
 dtypes; Python only ever loops over a few lines (sniffing), per-movie headers, titles files,
-or - when a parser fails - over the file once more to name the first bad line. String ids are
-dictionary-encoded so that MSD's 48M rows never become 48M Python strings.
+or - when a parser fails - over the file once more to name the first bad line. CSV/TSV, the
+headerless layouts and Parquet (a file or a directory of files) are streamed: each block of
+rows is encoded to int32 codes as it comes (:class:`IdEncoder`) and dropped, so no table of
+every row is ever held; only each batch's distinct ids become Python objects.
 """
 
 from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ USER_COLUMNS = ("userId", "user_id", "user", "userID", "UserId")
 ITEM_COLUMNS = ("itemId", "item_id", "movieId", "movie_id", "item", "song", "song_id", "itemID")
 RATING_COLUMNS = ("rating",)  # a count column must be named explicitly: it is not a rating
 _STR_DICT = pa.dictionary(pa.int32(), pa.string())
+BLOCK_BYTES = 1 << 24  # text read per batch
+BATCH_ROWS = 1 << 20  # Parquet rows per batch
 
 # A line checker returns None for a good line, else what the line should have looked like.
 
@@ -65,8 +69,11 @@ def read_interactions(
         path = path / "users.dat"
         if not path.is_file():
             raise DataError(f"{path.parent} has no users.dat (the CiteULike layout)")
+    if fmt == "parquet":
+        return _read_parquet(path, user_col, item_col, rating_col)
     if path.is_dir():
-        raise DataError(f"{path} is a directory; format {fmt!r} reads one file")
+        raise DataError(f"{path} is a directory; format {fmt!r} reads one file (parquet reads "
+                        "a directory of .parquet files)")
     if path.stat().st_size == 0:
         raise DataError(f"{path} is empty")
     if fmt == "ml-100k":
@@ -77,8 +84,6 @@ def read_interactions(
         return _read_headerless(path, fmt, "\t", 3, ("str", "str", "int"), None)
     if fmt == "citeulike":
         return _read_citeulike(path)
-    if fmt == "parquet":
-        return _read_parquet(path, user_col, item_col, rating_col)
     if fmt == "ml-20m":
         user_col, item_col = user_col or "userId", item_col or "movieId"
     return _read_table(path, fmt, sep or ("\t" if fmt == "tsv" else ","),
@@ -96,6 +101,8 @@ def detect_format(path: Path) -> tuple[Path, str]:
         for name in ("u.data", "ratings.dat", "ratings.csv", "train_triplets.txt", "users.dat"):
             if (path / name).is_file():
                 return detect_format(path / name)
+        if any(path.rglob("*.parquet")):
+            return path, "parquet"
     name = path.name.lower()
     if name == "u.data":
         return path, "ml-100k"
@@ -157,8 +164,8 @@ def _read_headerless(
     types = {"int": pa.int64(), "float": pa.float32(), "str": _STR_DICT}
     column_types = dict(zip((user, item, value), (types[k] for k in kinds), strict=True))
     check = field_check(sep, n_fields, {i: k for i, k in enumerate(kinds) if k != "str"})
-    table = _arrow_csv(path, check, delim, names, column_types, [user, item, value], False)
-    inter = _to_interactions(path, table[user], table[item], table[value], fmt, check, 0)
+    batches = _arrow_csv(path, check, delim, names, column_types, [user, item, value], False)
+    inter = stream_interactions(path, batches, user, item, value, fmt, check, 0)
     if titles is not None:
         inter.titles = titles(path, inter.item_ids)
     return inter
@@ -167,21 +174,21 @@ def _read_headerless(
 def _arrow_csv(
     path: Path, check: LineCheck, delim: str, names: list[str] | None,
     column_types: dict[str, pa.DataType], include: list[str], header: bool,
-) -> pa.Table:
-    read = pacsv.ReadOptions(column_names=names, skip_rows=0, block_size=1 << 24)
+) -> Iterator[tuple[Path, pa.RecordBatch]]:
+    """The file's rows, one 16 MB block at a time (the types are fixed by the first block)."""
+    read = pacsv.ReadOptions(column_names=names, skip_rows=0, block_size=BLOCK_BYTES)
     parse = pacsv.ParseOptions(delimiter=delim, quote_char='"' if header else False)
     convert = pacsv.ConvertOptions(
         column_types=column_types, include_columns=include,
         auto_dict_encode=True, auto_dict_max_cardinality=2**30,
     )
     try:
-        table = pacsv.read_csv(path, read_options=read, parse_options=parse,
-                               convert_options=convert)
+        reader = pacsv.open_csv(path, read_options=read, parse_options=parse,
+                                convert_options=convert)
+        for batch in reader:
+            yield path, batch
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise locate_bad_line(path, check, skip=int(header), cause=str(exc)) from exc
-    if table.num_rows == 0:
-        raise DataError(f"{path} has no interactions")
-    return table
 
 
 def locate_bad_line(path: Path, check: LineCheck, skip: int, cause: str) -> DataError:
@@ -210,17 +217,12 @@ def _read_filmtrust(path: Path) -> Interactions:
     check = field_check(" ", 3, {0: "int", 1: "int", 2: "float"})
     names = ["user", "item", "rating"]
     types = {"user": pa.int64(), "item": pa.int64(), "rating": pa.float32()}
-    tables = []
     for part in parts:
         if part.stat().st_size == 0:
             raise DataError(f"{part} is empty")
-        table = _arrow_csv(part, check, " ", names, types, names, False)
-        if any(table[c].null_count for c in names):
-            raise locate_bad_line(part, check, skip=0, cause="an empty field")
-        tables.append(table)
-    table = pa.concat_tables(tables)
-    return _to_interactions(path, table["user"], table["item"], table["rating"], "filmtrust",
-                            None, 0)
+    batches = (pair for part in parts
+               for pair in _arrow_csv(part, check, " ", names, types, names, False))
+    return stream_interactions(path, batches, "user", "item", "rating", "filmtrust", check, 0)
 
 
 _FILMTRUST_PART = re.compile(r"ratings_(\d+)\.txt")
@@ -309,9 +311,8 @@ def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: 
     if fmt in ("csv", "tsv"):
         types.update({user: pa.string(), item: pa.string()})
     wanted = [user, item] + ([value] if value is not None else [])
-    table = _arrow_csv(path, check, sep, None, types, wanted, True)
-    inter = _to_interactions(path, table[user], table[item],
-                             table[value] if value is not None else None, fmt, check, 1)
+    batches = _arrow_csv(path, check, sep, None, types, wanted, True)
+    inter = stream_interactions(path, batches, user, item, value, fmt, check, 1)
     if fmt == "ml-20m":
         inter.titles = _titles_csv(path.parent / "movies.csv", inter.item_ids)
     return inter
@@ -319,10 +320,16 @@ def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: 
 
 def _read_parquet(path: Path, user_col: str | None, item_col: str | None,
                   rating_col: str | None) -> Interactions:
+    """One Parquet file, or a directory of them (daily partitions, say) read as one data set.
+
+    A directory's files (``*.parquet`` at any depth, none hidden) are read in path order, so
+    dated names give chronological order; every file must have the columns the first has.
+    """
+    files = _parquet_files(path) if path.is_dir() else [path]
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(files[0])
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path} is not a readable parquet file: {exc}") from exc
+        raise DataError(f"{files[0]} is not a readable parquet file: {exc}") from exc
     names = list(schema.names)
     user = _pick(names, user_col, USER_COLUMNS, "user", path)
     item = _pick(names, item_col, ITEM_COLUMNS, "item", path)
@@ -341,87 +348,170 @@ def _read_parquet(path: Path, user_col: str | None, item_col: str | None,
         if not (accepts(kind) or (role == "rating" and pa.types.is_integer(kind))):
             wanted = "strings or integers" if role != "rating" else "numbers"
             raise DataError(
-                f"{path}: column {name!r} ({role}) has type {schema.field(name).type}; "
+                f"{files[0]}: column {name!r} ({role}) has type {schema.field(name).type}; "
                 f"it must hold {wanted}, one interaction per row (explode list columns first)"
             )
-    table = pq.read_table(path, columns=[c for c in (user, item, value) if c is not None])
-    if table.num_rows == 0:
-        raise DataError(f"{path} has no interactions")
-    return _to_interactions(path, table[user], table[item],
-                            table[value] if value is not None else None, "parquet", None, 0)
+    columns = [c for c in (user, item, value) if c is not None]
+    batches = _parquet_batches(path, files, columns)
+    return stream_interactions(path, batches, user, item, value, "parquet", None, 0)
+
+
+def _parquet_files(directory: Path) -> list[Path]:
+    files = sorted(
+        p for p in directory.rglob("*.parquet")
+        if p.is_file() and not any(part.startswith((".", "_"))
+                                   for part in p.relative_to(directory).parts)
+    )
+    if not files:
+        raise DataError(f"{directory} is a directory without .parquet files")
+    return files
+
+
+def _parquet_batches(
+    path: Path, files: list[Path], columns: list[str]
+) -> Iterator[tuple[Path, pa.RecordBatch]]:
+    for file in files:
+        try:
+            parquet = pq.ParquetFile(file)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataError(f"{file} is not a readable parquet file: {exc}") from exc
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise DataError(
+                f"{file} has no column {missing[0]!r}; every file of {path} needs the "
+                f"columns {columns} (its columns are {parquet.schema_arrow.names})"
+            )
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            yield file, batch
 
 
 def _is_id_type(kind: pa.DataType) -> bool:
+    # Floats too: whole-number float ids are read as integers, NaN is refused per batch.
     return bool(
-        pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
     )
 
 
 # ---- arrow columns -> codes ------------------------------------------------------------------
 
 
-def _to_interactions(
-    path: Path, user: pa.ChunkedArray, item: pa.ChunkedArray, value: pa.ChunkedArray | None,
-    fmt: str, check: LineCheck | None, skip: int,
+def stream_interactions(
+    path: Path, batches: Iterable[tuple[Path, pa.RecordBatch]], user: str, item: str,
+    value: str | None, fmt: str, check: LineCheck | None, skip: int,
 ) -> Interactions:
-    for col, role in ((user, "user id"), (item, "item id"), (value, "rating")):
-        if col is None or (col.null_count == 0 and not _has_empty_string(col)):
-            continue
-        if check is not None:
-            raise locate_bad_line(path, check, skip, f"empty or non-numeric {role}")
-        row = int(pc.index(pc.is_null(col), True).as_py())  # parquet: name the row instead
-        raise MalformedLineError(path, row + 1, f"a {role} in every row", "null")
-    user_codes, user_ids = encode_ids(user, sort=True)
-    item_codes, item_ids = encode_ids(item, sort=False)
-    values = None
-    if value is not None:
-        values = value.to_numpy().astype(np.float32, copy=False)
-        if not np.isfinite(values).all():
-            bad = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise MalformedLineError(path, bad + 1 + skip, "a finite rating", str(values[bad]))
-    return Interactions(user_codes, item_codes, values, user_ids, item_ids, source=fmt)
+    """Encode ``(source file, batch)`` pairs as they come; no table of every row is ever held.
 
-
-def _has_empty_string(col: pa.ChunkedArray) -> bool:
-    """An empty id field parses as the id "" (string columns are never null): reject it."""
-    if pa.types.is_dictionary(col.type):
-        return any(pc.any(pc.equal(c.dictionary, "")).as_py() for c in col.chunks)
-    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-        return bool(pc.any(pc.equal(col, "")).as_py())
-    return False
-
-
-def encode_ids(col: pa.ChunkedArray, sort: bool) -> tuple[NDArray[np.int32], NDArray[Any]]:
-    """(int32 codes, ids): ascending ids when ``sort``, else in order of first appearance.
-
-    Integer (or integral float) ids stay int64 so "ascending" is numeric; anything else is
-    dictionary-encoded and only the distinct strings become Python objects.
+    What is kept per row is the codes (int32 user, int32 item, float32 value); per distinct id
+    one dictionary entry. A missing id or value names the first bad line (``check``: text
+    files, whose lines it re-reads) or row (Parquet) of its source file.
     """
-    if pa.types.is_floating(col.type):
-        floats = col.to_numpy()
-        if np.all(floats == np.round(floats)):
-            col = pa.chunked_array([floats.astype(np.int64)])
+    users, items = IdEncoder(), IdEncoder()
+    values: list[NDArray[np.float32]] = []
+    source, offset, rows = path, 0, 0  # offset: rows of ``source`` before this batch
+    for part, batch in batches:
+        if part != source:
+            source, offset = part, 0
+        for encoder, name, role in ((users, user, "user id"), (items, item, "item id")):
+            bad = encoder.add(batch.column(name), f"{source}: column {name!r}")
+            if bad is not None:
+                raise _missing(source, check, skip, role, offset + bad)
+        if value is not None:
+            column = batch.column(value)
+            if column.null_count:
+                bad = int(pc.index(pc.is_null(column), True).as_py())
+                raise _missing(source, check, skip, "rating", offset + bad)
+            numbers = column.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            if not np.isfinite(numbers).all():
+                bad = int(np.flatnonzero(~np.isfinite(numbers))[0])
+                raise MalformedLineError(source, offset + bad + 1 + skip, "a finite rating",
+                                         str(numbers[bad]))
+            values.append(numbers)
+        offset += batch.num_rows
+        rows += batch.num_rows
+    if rows == 0:
+        raise DataError(f"{path} has no interactions")
+    user_codes, user_ids = users.finish(sort=True)
+    item_codes, item_ids = items.finish(sort=False)
+    value_array = np.concatenate(values) if value is not None else None
+    return Interactions(user_codes, item_codes, value_array, user_ids, item_ids, source=fmt)
+
+
+def _missing(source: Path, check: LineCheck | None, skip: int, role: str, row: int) -> DataError:
+    if check is not None:
+        return locate_bad_line(source, check, skip, f"empty or non-numeric {role}")
+    return MalformedLineError(source, row + 1, f"a {role} in every row", "null")
+
+
+class IdEncoder:
+    """Ids -> int32 codes in order of first appearance, fed one batch at a time.
+
+    Integer (or, over the whole column, integral float) ids stay int64 so that "ascending" is
+    numeric; anything else becomes strings. Only a batch's distinct ids reach Python (a dict
+    from id to code); its rows stay numpy.
+    """
+
+    def __init__(self) -> None:
+        self.codes: dict[Any, int] = {}
+        self.chunks: list[NDArray[np.int32]] = []
+        self.kind: str | None = None  # "int", "float" or "str": one per column
+
+    def add(self, column: pa.Array, where: str) -> int | None:
+        """Encode one batch's column; the position of its first missing id, if any."""
+        if column.null_count:
+            return int(pc.index(pc.is_null(column), True).as_py())
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            kind = "float" if pa.types.is_floating(column.type) else "int"
+            local, uniques = pd.factorize(column.to_numpy(zero_copy_only=False), sort=False)
+            if (local < 0).any():  # NaN: no id
+                return int(np.argmax(local < 0))
+            keys = uniques.tolist()
         else:
-            col = col.cast(pa.string())
-    if pa.types.is_integer(col.type):
-        return int_codes(col.to_numpy().astype(np.int64, copy=False), sort)
-    if not pa.types.is_dictionary(col.type):
-        col = col.cast(pa.string()).dictionary_encode()
-    # Per-block dictionaries differ; unify them, then work on int32 indices only.
-    col = pa.table({"c": col}).unify_dictionaries()["c"]
-    dictionary = (col.chunk(0).dictionary if col.num_chunks else pa.array([], pa.string()))
-    indices = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in col.chunks])
-    strings = np.asarray(dictionary.to_pylist(), dtype=object)
-    codes, uniques = pd.factorize(indices, sort=False)
-    ids = strings[uniques]
-    if sort:
-        if all(_CANONICAL_INT.fullmatch(s) for s in ids):
-            ids = ids.astype(np.int64)  # "ascending user id" is numeric order when it can be
-        order = np.argsort(ids, kind="stable")
-        rank = np.empty(len(order), dtype=np.int64)
-        rank[order] = np.arange(len(order))
-        codes, ids = rank[codes], ids[order]
-    return codes.astype(np.int32), ids
+            kind = "str"
+            text = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+            if not (pa.types.is_string(text) or pa.types.is_large_string(text)):
+                raise DataError(f"{where} holds {column.type}; ids must be strings or integers, "
+                                "one interaction per row (explode list columns first)")
+            if not pa.types.is_dictionary(column.type):
+                column = column.dictionary_encode()
+            indices = column.indices.to_numpy(zero_copy_only=False)
+            local, used = pd.factorize(indices, sort=False)
+            keys = column.dictionary.take(pa.array(used)).cast(pa.string()).to_pylist()
+            if "" in keys:  # an empty field parses as the id "": reject it
+                return int(np.argmax(local == keys.index("")))
+        if self.kind is not None and kind != self.kind:
+            raise DataError(f"{where} holds {kind} ids where earlier rows had {self.kind} "
+                            "ids; every file of a data set needs the same column types")
+        self.kind = kind
+        codes = self.codes
+        known = np.fromiter((codes.setdefault(k, len(codes)) for k in keys), dtype=np.int32,
+                            count=len(keys))
+        self.chunks.append(known[local])
+        return None
+
+    def finish(self, sort: bool) -> tuple[NDArray[np.int32], NDArray[Any]]:
+        """(codes, ids): ids in order of first appearance, or ascending when ``sort``."""
+        codes = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int32)
+        self.chunks = []
+        ids: NDArray[Any]
+        if self.kind == "float":
+            floats = np.fromiter(self.codes, dtype=np.float64, count=len(self.codes))
+            if np.all(floats == np.round(floats)):
+                ids = floats.astype(np.int64)
+            else:
+                ids = np.asarray(pa.array(floats).cast(pa.string()).to_pylist(), dtype=object)
+        elif self.kind == "int":
+            ids = np.fromiter(self.codes, dtype=np.int64, count=len(self.codes))
+        else:
+            ids = np.asarray(list(self.codes), dtype=object)
+        if sort:
+            if ids.dtype == object and all(_CANONICAL_INT.fullmatch(s) for s in ids):
+                ids = ids.astype(np.int64)  # "ascending user id" is numeric order when it can be
+            order = np.argsort(ids, kind="stable")
+            rank = np.empty(len(order), dtype=np.int32)
+            rank[order] = np.arange(len(order), dtype=np.int32)
+            codes, ids = rank[codes], ids[order]
+        return codes, ids
 
 
 _CANONICAL_INT = re.compile(r"0|-?[1-9][0-9]{0,17}")

@@ -12,7 +12,7 @@ import pytest
 from multvae.errors import DataError, MalformedLineError
 from training.catalog import FORMATS
 from training.dataset import Interactions
-from training.readers import detect_format, read_interactions
+from training.readers import detect_format, read_interactions, stream_interactions
 
 U_DATA = "196\t242\t3\t881250949\n186\t302\t3\t891717742\n196\t377\t5\t878887116\n22\t242\t4.5\t1\n"
 
@@ -335,3 +335,79 @@ def test_shared_filmtrust_and_citeulike_match_their_notes(
     inter = read_interactions(path)  # auto-detected from the directory
     assert (inter.source, len(inter), len(inter.user_ids), len(inter.item_ids)) == (
         fmt, rows, users, items)
+
+
+def test_parquet_directory_is_one_data_set_in_path_order(tmp_path: Path) -> None:
+    days = tmp_path / "clicks"
+    rows = [("u2", "s9", 3), ("u1", "s9", 1), ("u2", "s1", 2), ("u3", "s7", 1), ("u1", "s1", 4)]
+    # Written out of order, one in a subfolder; hidden and _-prefixed files are not data.
+    for name, chunk in (("day=2/part.parquet", rows[3:]), ("day=1.parquet", rows[:3])):
+        users, items, counts = zip(*chunk, strict=True)
+        (days / name).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"user": users, "song": items, "rating": counts}), days / name)
+    pq.write_table(pa.table({"user": ["x"], "song": ["y"], "rating": [1]}), days / ".tmp.parquet")
+    (days / "_SUCCESS").write_text("")
+    assert detect_format(days) == (days, "parquet")
+    inter = read_interactions(days)
+    users, items, counts = zip(*rows, strict=True)
+    pq.write_table(pa.table({"user": users, "song": items, "rating": counts}),
+                   tmp_path / "all.parquet")
+    whole = read_interactions(tmp_path / "all.parquet")
+    assert inter.item_ids.tolist() == whole.item_ids.tolist() == ["s9", "s1", "s7"]
+    assert inter.user_ids.tolist() == whole.user_ids.tolist() == ["u1", "u2", "u3"]
+    assert inter.user.tolist() == whole.user.tolist() == [1, 0, 1, 2, 0]
+    assert inter.item.tolist() == whole.item.tolist() == [0, 0, 1, 2, 1]
+    assert inter.value is not None
+    assert inter.value.tolist() == [3.0, 1.0, 2.0, 1.0, 4.0]
+
+
+def test_parquet_directory_errors_name_the_file(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"user": [1, 2], "item": [5, 6]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"user": [3], "thing": [7]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet has no column 'item'"):
+        read_interactions(tmp_path)
+    pq.write_table(pa.table({"user": [3, None], "item": [7, 8]}), tmp_path / "b.parquet")
+    with pytest.raises(MalformedLineError) as err:
+        read_interactions(tmp_path, "parquet")
+    assert err.value.path == str(tmp_path / "b.parquet")
+    assert err.value.line == 2  # the file's own row
+    pq.write_table(pa.table({"user": ["3"], "item": [7]}), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet: column 'user' holds str ids where earlier"):
+        read_interactions(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=r"without \.parquet files"):
+        read_interactions(empty, "parquet")
+    with pytest.raises(DataError, match="is a directory; format 'csv' reads one file \\(parquet"):
+        read_interactions(tmp_path, "csv")
+
+
+def test_batches_with_their_own_dictionaries_encode_as_one_column(tmp_path: Path) -> None:
+    # A CSV block or Parquet batch carries its own dictionary: codes must not depend on it.
+    def batch(users: list[str], items: list[int]) -> tuple[Path, pa.RecordBatch]:
+        user = pa.array(users).dictionary_encode()
+        return tmp_path / "f", pa.record_batch({"u": user, "i": pa.array(items)})
+
+    parts = [batch(["b", "a"], [30, 10]), batch(["c", "b", "a"], [20, 30, 40]),
+             batch(["a"], [10])]
+    inter = stream_interactions(tmp_path / "f", iter(parts), "u", "i", None, "csv", None, 0)
+    assert inter.user_ids.tolist() == ["a", "b", "c"]
+    assert inter.user_ids[inter.user].tolist() == ["b", "a", "c", "b", "a", "a"]
+    assert inter.item_ids.tolist() == [30, 10, 20, 40]
+    assert inter.item.tolist() == [0, 1, 2, 0, 3, 1]
+    assert inter.user.dtype == inter.item.dtype == np.int32
+    assert inter.value is None
+    with pytest.raises(DataError, match="has no interactions"):
+        stream_interactions(tmp_path / "f", iter([]), "u", "i", None, "csv", None, 0)
+
+
+def test_parquet_float_ids_are_numbers_when_whole_and_nan_is_no_id(tmp_path: Path) -> None:
+    path = tmp_path / "f.parquet"
+    pq.write_table(pa.table({"user": [2.0, 1.0, 2.0], "item": [1.5, 2.0, 1.5]}), path)
+    inter = read_interactions(path)
+    assert inter.user_ids.tolist() == [1, 2]
+    assert inter.item_ids.tolist() == ["1.5", "2"]
+    assert inter.item.tolist() == [0, 1, 0]
+    pq.write_table(pa.table({"user": [2.0, 1.0], "item": [1.0, float("nan")]}), path)
+    with pytest.raises(MalformedLineError, match="line 2"):
+        read_interactions(path)
