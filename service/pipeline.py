@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from multvae.items import ItemIndex
 from multvae.recommend import Query, Recommendation
 from service.batching import MicroBatcher
 from service.cache import GuardedCache, cache_key
@@ -33,9 +34,11 @@ class UnknownItemsError(Exception):
 
 @dataclass(frozen=True)
 class Answer:
-    """Recommendations for the queries, in order, and which of them the cache answered."""
+    """Recommendations for the queries, in order, and which of them the cache answered;
+    ``items`` is the answering version's index (titles)."""
 
     version: str
+    items: ItemIndex
     recommendations: list[Recommendation]
     cached: list[bool]
 
@@ -91,7 +94,18 @@ class Pipeline:
                 self.metrics.fallbacks.labels(rec.fallback).inc()
         missed = set(misses)
         cached = [i not in missed for i in range(len(queries))]
-        return Answer(recommender.version, recommendations, cached)
+        return Answer(recommender.version, recommender.items, recommendations, cached)
+
+    async def similar(
+        self, item: str, n: int, exclude: Sequence[str], candidates: Sequence[str] | None
+    ) -> Answer:
+        """Items similar to ``item`` (one matrix-vector product: off the event loop, uncached).
+
+        Raises :class:`multvae.errors.UnknownItemError` for an item the version does not know.
+        """
+        recommender = self.served().recommender
+        rec = await asyncio.to_thread(recommender.similar, item, n, exclude, candidates)
+        return Answer(recommender.version, recommender.items, [rec], [False])
 
     async def _gather_get(self, keys: list[str]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.cache.get(k) for k in keys)))

@@ -12,6 +12,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from multvae import recommend
+from multvae.errors import UnknownItemError
 from service.errors import (
     AdminDisabledError,
     FieldError,
@@ -30,7 +31,10 @@ from service.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
+    Restrictions,
     ScoredItem,
+    SimilarRequest,
+    SimilarResponse,
 )
 from service.settings import Settings
 
@@ -108,24 +112,26 @@ recommend_router = APIRouter(dependencies=[Depends(require_key)], responses=ERRO
 
 
 def check_limits(
-    request: RecommendRequest, settings: Settings, prefix: str = ""
+    request: RecommendRequest | SimilarRequest, settings: Settings, prefix: str = ""
 ) -> list[FieldError]:
     """Configured bounds and duplicate ids; an empty list when the request is acceptable."""
     errors: list[FieldError] = []
     if request.n > settings.max_n:
         message = f"must be <= {settings.max_n} (MULTVAE_MAX_N), got {request.n}"
         errors.append(FieldError(f"{prefix}n", message))
-    for name, limit, variable in (
-        ("items", settings.max_history, "MULTVAE_MAX_HISTORY"),
-        ("exclude", settings.max_exclude, "MULTVAE_MAX_EXCLUDE"),
-    ):
-        got = len(getattr(request, name))
+    history = request.items if isinstance(request, RecommendRequest) else []
+    for name, got, limit, variable in (
+        ("items", len(history), settings.max_history, "MULTVAE_MAX_HISTORY"),
+        ("exclude", len(request.exclude), settings.max_exclude, "MULTVAE_MAX_EXCLUDE"),
+        ("candidates", len(request.candidates or ()), settings.max_candidates,
+         "MULTVAE_MAX_CANDIDATES"),
+    ):  # fmt: skip
         if got > limit:
             message = f"at most {limit} item ids are accepted ({variable}), got {got}"
             errors.append(FieldError(f"{prefix}{name}", message))
     # A history is a set of clicks; a repeated id usually means the client sends events or
     # counts where the model expects distinct items, so say so instead of guessing.
-    repeated = [item for item, count in Counter(request.items).items() if count > 1]
+    repeated = [item for item, count in Counter(history).items() if count > 1]
     if repeated:
         shown = ", ".join(repr(i) for i in repeated[:10])
         more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
@@ -151,7 +157,7 @@ async def _answer(
     strict: bool | None,
     prefixes: list[str],
 ) -> Answer:
-    queries = [recommend.Query(b.items, b.n, b.exclude) for b in bodies]
+    queries = [recommend.Query(b.items, b.n, b.exclude, b.candidates) for b in bodies]
     try:
         answer = await pipeline.recommend(
             queries, pipeline.settings.strict if strict is None else strict
@@ -176,10 +182,18 @@ async def _answer(
     return answer
 
 
-def _response(answer: Answer, i: int) -> RecommendResponse:
+def _items(answer: Answer, i: int, body: Restrictions) -> list[ScoredItem]:
+    ranked = answer.recommendations[i].items
+    if "title" in body.fields:
+        title = answer.items.title
+        return [ScoredItem(item=item, score=score, title=title(item)) for item, score in ranked]
+    return [ScoredItem(item=item, score=score) for item, score in ranked]
+
+
+def _response(answer: Answer, i: int, body: RecommendRequest) -> RecommendResponse:
     rec = answer.recommendations[i]
     return RecommendResponse(
-        items=[ScoredItem(item=item, score=score) for item, score in rec.items],
+        items=_items(answer, i, body),
         model_version=answer.version,
         unknown_items=rec.unknown,
         fallback=rec.fallback,
@@ -187,7 +201,8 @@ def _response(answer: Answer, i: int) -> RecommendResponse:
     )
 
 
-@recommend_router.post("/recommend")
+# A title is in an answer only when the request asked for it (exclude_unset), not as null.
+@recommend_router.post("/recommend", response_model_exclude_unset=True)
 async def recommend_one(
     body: RecommendRequest,
     request: Request,
@@ -198,10 +213,10 @@ async def recommend_one(
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)
-    return _response(await _answer(request, pipeline, [body], strict, [""]), 0)
+    return _response(await _answer(request, pipeline, [body], strict, [""]), 0, body)
 
 
-@recommend_router.post("/recommend/batch")
+@recommend_router.post("/recommend/batch", response_model_exclude_unset=True)
 async def recommend_batch(
     body: BatchRequest,
     request: Request,
@@ -225,7 +240,25 @@ async def recommend_batch(
     if errors:
         raise InvalidRequestError.of(errors)
     answer = await _answer(request, pipeline, body.requests, strict, prefixes)
-    return BatchResponse(results=[_response(answer, i) for i in range(len(body.requests))])
+    return BatchResponse(results=[_response(answer, i, r) for i, r in enumerate(body.requests)])
+
+
+@recommend_router.post("/similar", response_model_exclude_unset=True)
+async def similar(body: SimilarRequest, request: Request, pipeline: PipelineDep) -> SimilarResponse:
+    """Items similar to one item: cosine of the decoder's item vectors (see the README)."""
+    errors = check_limits(body, pipeline.settings)
+    if errors:
+        raise InvalidRequestError.of(errors)
+    try:
+        answer = await pipeline.similar(body.item, body.n, body.exclude, body.candidates)
+    except UnknownItemError as exc:
+        raise InvalidRequestError.of([FieldError("item", str(exc))]) from None
+    access: AccessInfo | None = getattr(request.state, "access", None)
+    if access is not None:
+        access.model_version = answer.version
+    return SimilarResponse(
+        item=body.item, items=_items(answer, 0, body), model_version=answer.version
+    )
 
 
 @router.get("/healthz")
