@@ -20,6 +20,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -94,7 +95,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; ``settings`` default to the environment (``MULTVAE_*``)."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
-    app = FastAPI(
+    # /docs and /redoc with their JavaScript and CSS served from the fastapi-offline package:
+    # FastAPI's default pages fetch them from a CDN and are blank on an offline network.
+    app = FastAPIOffline(
         title="multvae-rec",
         version=__version__,
         summary="Mult-VAE fold-in recommendations: click history in, top-N items out.",

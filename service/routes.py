@@ -31,7 +31,6 @@ from service.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
-    Restrictions,
     ScoredItem,
     SimilarRequest,
     SimilarResponse,
@@ -182,7 +181,7 @@ async def _answer(
     return answer
 
 
-def _items(answer: Answer, i: int, body: Restrictions) -> list[ScoredItem]:
+def _items(answer: Answer, i: int, body: RecommendRequest | SimilarRequest) -> list[ScoredItem]:
     ranked = answer.recommendations[i].items
     if "title" in body.fields:
         title = answer.items.title
@@ -277,7 +276,8 @@ async def readyz(pipeline: PipelineDep) -> dict[str, str]:
 
 @router.get("/model", responses={503: {"model": ErrorBody}})
 async def model_info(pipeline: PipelineDep) -> ModelInfo:
-    """The served model version, its size, device and offline metrics."""
+    """The served model version, its size, device and summary metrics (the per-epoch history
+    and quintiles are in the version's metrics.json)."""
     return ModelInfo(**pipeline.served().describe())
 
 

@@ -52,35 +52,47 @@ ItemField = Literal["title"]
 Count = Annotated[int, Field(strict=True, ge=1, description="how many items to return")]
 
 
-class Restrictions(BaseModel):
-    """What every ranking request may add: exclusions, a candidate set, extra fields."""
+Exclude = Annotated[
+    list[ItemId], Field(default_factory=list, description="item ids never to return")
+]
+Candidates = Annotated[
+    list[ItemId] | None,
+    Field(
+        description="rank only these item ids (e.g. in stock, one category); ids the model "
+        "does not know are ignored; omitted or null: every item",
+    ),
+]
+Fields = Annotated[
+    list[ItemField],
+    Field(
+        default_factory=list,
+        description='extra fields per returned item: "title" (null when the version has none)',
+    ),
+]
+
+
+class RecommendRequest(BaseModel):
+    """One click history to fold in; the history and ``exclude`` are never returned."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    exclude: list[ItemId] = Field(default_factory=list, description="item ids never to return")
-    candidates: list[ItemId] | None = Field(
-        default=None,
-        description="rank only these item ids (e.g. in stock, one category); ids the model "
-        "does not know are ignored; omitted or null: every item",
-    )
-    fields: list[ItemField] = Field(
-        default_factory=list,
-        description='extra fields per returned item: "title" (null when the version has none)',
-    )
-
-
-class RecommendRequest(Restrictions):
-    """One click history to fold in; the history and ``exclude`` are never returned."""
-
     items: list[ItemId] = Field(description="the user's clicked item ids (the history)")
     n: Count = 20
+    exclude: Exclude
+    candidates: Candidates = None
+    fields: Fields
 
 
-class SimilarRequest(Restrictions):
+class SimilarRequest(BaseModel):
     """Items similar to one item; the item itself and ``exclude`` are never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     item: ItemId = Field(description="the item id to find similar items for")
     n: Count = 10
+    exclude: Exclude
+    candidates: Candidates = None
+    fields: Fields
 
 
 class BatchRequest(BaseModel):

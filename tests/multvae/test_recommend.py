@@ -150,10 +150,13 @@ def test_similar_known_answer_and_restrictions() -> None:
     rec = Recommender(rec.model, rec.items, "v1")  # norms are taken when it is built
     assert rec.similar(_id(0), 1).items[0][0] == _id(1)
     scores = dict(rec.similar(_id(0), N_ITEMS).items)
-    assert scores[_id(1)] > 0.99 and abs(scores[_id(2)]) < 1e-6
-    assert scores[_id(3)] == min(scores.values()) and scores[_id(3)] < -0.99
-    assert _id(0) not in scores and len(scores) == N_ITEMS - 1
-    assert [i for i, _ in rec.similar(_id(0), 2, exclude=_ids([1])).items][0] != _id(1)
+    assert scores[_id(1)] > 0.99
+    assert abs(scores[_id(2)]) < 1e-6
+    assert scores[_id(3)] == min(scores.values())
+    assert scores[_id(3)] < -0.99
+    assert _id(0) not in scores
+    assert len(scores) == N_ITEMS - 1
+    assert next(i for i, _ in rec.similar(_id(0), 2, exclude=_ids([1])).items) != _id(1)
     restricted = rec.similar(_id(0), 5, candidates=_ids([2, 3, 0, 99]))
     assert [i for i, _ in restricted.items] == _ids([2, 3])
 

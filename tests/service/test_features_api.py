@@ -54,7 +54,8 @@ def test_candidates_in_a_batch_and_with_exclude(client: TestClient) -> None:
         {"items": [], "n": 3, "candidates": [IDS[99], IDS[1]]},  # cold start: popularity
     ]
     results = _ok(client.post("/recommend/batch", json={"requests": requests}))["results"]
-    assert set(_items(results[0])) <= set(IDS[55:60]) and len(results[0]["items"]) == 5
+    assert set(_items(results[0])) <= set(IDS[55:60])
+    assert len(results[0]["items"]) == 5
     assert {cluster_of(IDS.index(i)) for i in _items(results[1])} == {0}
     assert set(_items(results[2])) == {IDS[99], IDS[1]}
     assert results[2]["fallback"] == "popularity"
@@ -81,10 +82,12 @@ def test_candidates_are_part_of_the_cache_key(cached_client: TestClient) -> None
     a = post(first)
     b = post(second)
     assert (a["cached"], b["cached"]) == (False, False)
-    assert set(_items(a)) <= set(first) and set(_items(b)) <= set(second)
+    assert set(_items(a)) <= set(first)
+    assert set(_items(b)) <= set(second)
     assert post(list(reversed(first))) == {**a, "cached": True}  # order does not matter
     unrestricted = post(None)
-    assert unrestricted["cached"] is False and _items(unrestricted) != _items(a)
+    assert unrestricted["cached"] is False
+    assert _items(unrestricted) != _items(a)
 
 
 def test_candidates_are_bounded(trained: Trained) -> None:
@@ -97,7 +100,8 @@ def test_candidates_are_bounded(trained: Trained) -> None:
             "message": "at most 3 item ids are accepted (MULTVAE_MAX_CANDIDATES), got 4",
         }]  # fmt: skip
         bad = client.post("/recommend", json={"items": [], "candidates": "1000"})
-        assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "candidates"
+        assert bad.status_code == 422
+        assert bad.json()["errors"][0]["field"] == "candidates"
 
 
 # -- /similar -----------------------------------------------------------------------------------
@@ -107,7 +111,8 @@ def test_similar_items_come_from_the_items_cluster(trained: Trained, client: Tes
     for c in range(4):
         item = IDS[c * BLOCK + 2]
         body = _ok(client.post("/similar", json={"item": item, "n": 10}))
-        assert body["item"] == item and body["model_version"] == trained.version
+        assert body["item"] == item
+        assert body["model_version"] == trained.version
         assert item not in _items(body)
         assert [cluster_of(IDS.index(i)) for i in _items(body)] == [c] * 10
         expected = trained.recommender().similar(item, 10)
@@ -131,9 +136,11 @@ def test_similar_errors_say_what_is_accepted(client: TestClient) -> None:
     assert missing.status_code == 422
     assert missing.json()["errors"] == [{"field": "item", "message": "this field is required"}]
     extra = client.post("/similar", json={"item": IDS[0], "items": [IDS[1]]})
-    assert extra.status_code == 422 and "accepted fields are" in extra.json()["detail"]
+    assert extra.status_code == 422
+    assert "accepted fields are" in extra.json()["detail"]
     too_many = client.post("/similar", json={"item": IDS[0], "n": 101})
-    assert too_many.status_code == 422 and "MULTVAE_MAX_N" in too_many.json()["detail"]
+    assert too_many.status_code == 422
+    assert "MULTVAE_MAX_N" in too_many.json()["detail"]
 
 
 def test_similar_needs_the_key_when_one_is_set(trained: Trained) -> None:
@@ -165,8 +172,17 @@ def test_titles_only_when_asked(titled: TestClient) -> None:
     candidates = {"candidates": [IDS[5], IDS[6]], "fields": ["title"]}
     similar = _ok(titled.post("/similar", json={"item": IDS[0], **candidates}))
     assert {r["item"]: r["title"] for r in similar["items"]} == {IDS[5]: None, IDS[6]: "Movie 1006"}
-    batch = _ok(titled.post("/recommend/batch", json={"requests": [
-        {"items": [IDS[0]], "n": 2, "fields": ["title"]}, {"items": [IDS[0]], "n": 2}]}))
+    batch = _ok(
+        titled.post(
+            "/recommend/batch",
+            json={
+                "requests": [
+                    {"items": [IDS[0]], "n": 2, "fields": ["title"]},
+                    {"items": [IDS[0]], "n": 2},
+                ]
+            },
+        )
+    )
     assert "title" in batch["results"][0]["items"][0]
     assert "title" not in batch["results"][1]["items"][0]
 
@@ -211,7 +227,8 @@ def test_model_is_a_summary_without_the_per_epoch_history(trained: Trained, tmp_
 def test_docs_work_offline(client: TestClient) -> None:
     page = client.get("/docs")
     assert page.status_code == 200
-    assert "cdn" not in page.text.lower() and "https://" not in page.text
+    assert "cdn" not in page.text.lower()
+    assert "https://" not in page.text
     assets = [part.split('"')[1] for part in page.text.split("src=")[1:]]
     assets += [part.split('"')[1] for part in page.text.split('rel="stylesheet" href=')[1:]]
     assert any(a.endswith("swagger-ui-bundle.js") for a in assets)
