@@ -250,3 +250,16 @@ def test_the_415_says_how_to_fix_it(client: TestClient) -> None:
     assert "'application/x-www-form-urlencoded'" in detail
     assert "send the header 'Content-Type: application/json'" in detail
     assert "-H 'Content-Type: application/json'" in detail
+
+
+def test_openapi_documents_similar_candidates_and_fields(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/similar"]["post"]
+    ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/SimilarRequest"
+    assert {next(iter(s)) for s in operation["security"]} == {"APIKeyHeader", "HTTPBearer"}
+    schemas = spec["components"]["schemas"]
+    assert schemas["SimilarRequest"]["required"] == ["item"]
+    for body in ("RecommendRequest", "SimilarRequest"):
+        assert {"candidates", "fields", "exclude"} <= set(schemas[body]["properties"])
+    assert "title" in schemas["ScoredItem"]["properties"]
