@@ -244,7 +244,7 @@ async def recommend_batch(
 
 @recommend_router.post("/similar", response_model_exclude_unset=True)
 async def similar(body: SimilarRequest, request: Request, pipeline: PipelineDep) -> SimilarResponse:
-    """Items similar to one item: cosine of the decoder's item vectors (see the README)."""
+    """Items similar to one item: cosine of the decoder's item vectors (docs/api.md says how)."""
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)
