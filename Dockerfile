@@ -1,10 +1,15 @@
-# syntax=docker/dockerfile:1
 # One image for the API (the default command) and the retraining job (multvae-trainer).
+# No `# syntax=` line: the builder's own Dockerfile frontend is used, so building pulls no
+# frontend image from a registry (only the base image and the package indexes are needed).
 #
-#   CPU (default):  docker build -t multvae-rec .
-#   CUDA:           docker build -t multvae-rec:cuda \
+#   CPU (default):  DOCKER_BUILDKIT=1 docker build -t multvae-rec .
+#   CUDA:           DOCKER_BUILDKIT=1 docker build -t multvae-rec:cuda \
 #                     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   pip settings:   deploy/build-image.sh hands this machine's pip configuration (a pip.conf,
+#                   a CA bundle for an inspecting proxy) to the build as BuildKit secrets
+#                   `pip.conf` and `pip-cert`, which never reach an image layer; with the
+#                   legacy builder it strips the secret mounts (deploy/README.md).
 #
 # The two install steps marked "same as CI" are the ones deploy/ci-setup.sh runs, word for
 # word (tests/deploy/test_deploy_files.py compares them), so CI proves them on every run.
@@ -15,7 +20,9 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 \
+# Read only when the `pip.conf` secret is given (pip skips a missing configuration file).
+ENV PIP_CONFIG_FILE=/run/secrets/pip.conf \
+    PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 # CUDA base images ship no Python; the slim Python image does, and skips this.
@@ -30,10 +37,12 @@ WORKDIR /src
 # Dependency layers first: they change rarely and take minutes; source edits reuse them.
 # same as CI (1/2): torch from its own index (CPU wheels by default, no CUDA libraries; an
 # empty TORCH_INDEX_URL uses pip's configured indexes, as CI does).
-RUN python -m pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
+    python -m pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
 # The other dependencies, from pyproject.toml alone: empty packages stand in for the source.
 COPY pyproject.toml README.md ./
-RUN mkdir multvae training service \
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
+    mkdir multvae training service \
     && touch multvae/__init__.py training/__init__.py service/__init__.py \
     && python -m pip install . \
     && python -m pip uninstall -y multvae-rec \
@@ -44,7 +53,8 @@ COPY multvae ./multvae
 COPY multvae_cli ./multvae_cli
 COPY training ./training
 COPY service ./service
-RUN python -m pip install . && rm -rf build
+RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
+    python -m pip install . && rm -rf build
 
 # ---- runtime: the virtualenv, a non-root user, nothing else ---------------------------------
 FROM ${BASE_IMAGE} AS runtime
@@ -58,11 +68,13 @@ RUN if ! command -v python3 >/dev/null; then \
     && mkdir -p /models /data \
     && chown multvae:multvae /models /data
 COPY --from=build /opt/venv /opt/venv
-COPY --chmod=0755 deploy/entrypoint-trainer.sh /usr/local/bin/multvae-trainer
+# Mode 0755 is in the repository (COPY --chmod is BuildKit only).
+COPY deploy/entrypoint-trainer.sh /usr/local/bin/multvae-trainer
+COPY deploy/entrypoint-api.sh /usr/local/bin/multvae-api
 
-# /models and /data are volumes: a fresh named volume takes this ownership, so the non-root
+# No VOLUME: it would give every container anonymous volumes that `down -v` never removes.
+# A fresh named volume mounted on /models or /data takes this ownership, so the non-root
 # user can write into it without an init container.
-VOLUME ["/models", "/data"]
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -78,7 +90,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
 
 # One uvicorn worker per container: scale with replicas, so that each process's Prometheus
-# metrics are scraped on their own. Exec form, no shell: `multvae serve` is PID 1 and gets
-# SIGTERM itself; uvicorn stops accepting, finishes in-flight requests (up to 10 s), exits.
+# metrics are scraped on their own. Exec form, no shell: `multvae serve` gets SIGTERM itself,
+# as PID 1 (plain docker run, Kubernetes) or from the init process (compose's `init: true`);
+# uvicorn stops accepting, finishes in-flight requests (up to 10 s; any still running then is
+# answered 503), and the process exits 0.
 STOPSIGNAL SIGTERM
 CMD ["multvae", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -160,10 +160,10 @@ def timing(args: argparse.Namespace) -> None:
     if "ease" in args.methods:
         check_ease_memory(split.n_items)
         gram, secs = timed(lambda: ease_gram(split.train))
-        report("EASE", "dense X^T X", secs)
-        weights, secs = timed(lambda: ease_weights(gram, args.ease_l2))
-        report("EASE", f"one fit (Cholesky inverse), lambda {args.ease_l2}", secs)
+        report("EASE", "dense X^T X (float32)", secs)
         del gram
+        weights, secs = timed(lambda: ease_weights(split.train, args.ease_l2))
+        report("EASE", f"one fit (X^T X, Cholesky inverse), lambda {args.ease_l2}", secs)
         ev, secs = timed(lambda: evaluate_scorer(ease_scorer(weights), split.validation))
         report("EASE", "score validation users", secs, ev)
         del weights

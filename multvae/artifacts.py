@@ -4,7 +4,8 @@
       versions/<version>/   model.safetensors, config.json, items.json, metrics.json,
                             manifest.json (sha256 of every other file)
       CURRENT               one line: the version to serve
-      PREVIOUS              one line: the version CURRENT replaced (what a rollback returns to)
+      PREVIOUS              one line: the version CURRENT replaced (what a rollback returns
+                            to; kept by garbage collection)
 
 A version is written to a temporary directory, fsynced and renamed into place, so a reader
 sees either nothing or the whole version; ``CURRENT`` is replaced atomically the same way.
@@ -16,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +47,11 @@ PREVIOUS = "PREVIOUS"
 VERSIONS = "versions"
 FILES = (WEIGHTS, CONFIG, ITEMS, METRICS)
 STALE_TMP_SECONDS = 6 * 3600
+# A version is a plain directory name: no separator, no leading dot (so no ".." and no
+# temporary directory), nothing a shell or a log line would misread.
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VERSION_NAME_RULE = "1-128 characters from A-Z a-z 0-9 . _ -, not starting with a dot"
+CURRENT_MAX_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,9 @@ def write_version(
             **(extra_config or {}),
         }
         _write_json(tmp / CONFIG, config)
+        # safetensors writes its file 0600; give it the mode every other file gets (the
+        # umask's), so a service running as another user of the group can read all of them.
+        os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / CONFIG).stat().st_mode))
         items.save(tmp / ITEMS)
         _write_json(tmp / METRICS, metrics)
         if write_extra is not None:
@@ -142,6 +153,16 @@ def write_version(
             raise FileExistsError(f"model version {final} already exists")
         os.rename(tmp, final)
         _fsync_dir(versions)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, FileExistsError):
+            raise
+        # A full disk or a read-only volume: say where and why, not a serialiser's traceback.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ArtifactError(
+            f"cannot write a model version into {versions}: {why}; nothing was written "
+            "(free space or pick another --out)"
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -176,33 +197,74 @@ def set_current(model_dir: Path | str, version: str) -> None:
     naming the version that still serves, which :func:`rollback` refuses by name.
     """
     model_dir = Path(model_dir)
-    verify_version(model_dir / VERSIONS / version)
+    verify_version(version_path(model_dir, version))
     replaced = current_version(model_dir)
     if replaced is not None and replaced != version:
         atomic_write(model_dir / PREVIOUS, (replaced + "\n").encode())
     atomic_write(model_dir / CURRENT, (version + "\n").encode())
 
 
-def _read_pointer(path: Path) -> str | None:
+def version_path(model_dir: Path | str, version: str) -> Path:
+    """``model_dir/versions/<version>``, refusing any name that would lead elsewhere.
+
+    The name must be a plain directory name (:data:`VERSION_NAME`); a symlink under
+    ``versions/`` is followed only when it stays inside ``versions/``. Errors never echo
+    more of the name than its length, since it may come from a file that is not ours.
+    """
+    model_dir = Path(model_dir)
+    if not VERSION_NAME.fullmatch(version):
+        raise ArtifactError(
+            f"{len(version)}-character model version name refused: a version must be a plain "
+            f"directory name under {model_dir / VERSIONS} ({VERSION_NAME_RULE})"
+        )
+    path = model_dir / VERSIONS / version
+    if path.is_symlink() and path.resolve().parent != (model_dir / VERSIONS).resolve():
+        raise ArtifactError(f"{path} is a symlink leading outside {model_dir / VERSIONS}: refused")
+    return path
+
+
+def _read_pointer(model_dir: Path, pointer: str) -> str | None:
+    """The version the pointer file ``model_dir/pointer`` names, or None when there is none.
+
+    The pointer must be a small file inside the model directory holding one version name;
+    anything else is an :class:`ArtifactError` that does not quote the file's content.
+    """
+    path = model_dir / pointer
     try:
-        name = path.read_text().strip()
+        if path.is_symlink() and not path.resolve().is_relative_to(model_dir.resolve()):
+            raise ArtifactError(f"{path} is a symlink leading outside {model_dir}: refused")
+        with path.open("rb") as fh:
+            raw = fh.read(CURRENT_MAX_BYTES + 1)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ArtifactError(
-            f"{path} cannot be read ({exc}); it must hold one version name"
+            f"{path} cannot be read ({exc.strerror or type(exc).__name__}); it must hold one "
+            "version name"
         ) from exc
-    return name or None
+    try:
+        name = raw.decode().strip()
+    except UnicodeDecodeError:
+        name = "\0"  # not a name; the check below refuses it without showing the bytes
+    if not name:
+        return None
+    if len(raw) > CURRENT_MAX_BYTES or not VERSION_NAME.fullmatch(name):
+        raise ArtifactError(
+            f"{path} does not hold a model version name ({len(raw)}"
+            f"{'+' if len(raw) > CURRENT_MAX_BYTES else ''} bytes, not shown): it must be one "
+            f"line naming a directory under {model_dir / VERSIONS} ({VERSION_NAME_RULE})"
+        )
+    return name
 
 
 def current_version(model_dir: Path | str) -> str | None:
     """The version ``CURRENT`` names, or None when there is no pointer."""
-    return _read_pointer(Path(model_dir) / CURRENT)
+    return _read_pointer(Path(model_dir), CURRENT)
 
 
 def previous_version(model_dir: Path | str) -> str | None:
     """The version ``CURRENT`` replaced last, or None when it never moved."""
-    return _read_pointer(Path(model_dir) / PREVIOUS)
+    return _read_pointer(Path(model_dir), PREVIOUS)
 
 
 def rollback(model_dir: Path | str) -> tuple[str, str]:
@@ -220,7 +282,7 @@ def rollback(model_dir: Path | str) -> tuple[str, str]:
             f"{model_dir}: {CURRENT} ({current}) has not replaced another version, so there is "
             "nothing to roll back to; pick one with `multvae promote MODEL_DIR VERSION`"
         )
-    if not (model_dir / VERSIONS / previous).is_dir():
+    if not version_path(model_dir, previous).is_dir():
         raise NoModelError(
             f"{model_dir}: the version {CURRENT} replaced, {previous}, is no longer under "
             f"{VERSIONS}/; pick one of the remaining versions with `multvae promote`"
@@ -276,7 +338,7 @@ def load_version(
                 f"{model_dir} has no {CURRENT} file: train a model first "
                 f"(multvae train --out {model_dir})"
             )
-    path = model_dir / VERSIONS / version
+    path = version_path(model_dir, version)
     verify_version(path)
     try:
         config = json.loads((path / CONFIG).read_text())
@@ -296,22 +358,50 @@ def load_version(
 
 
 def remove_old_versions(model_dir: Path | str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` versions, never those ``CURRENT`` and ``PREVIOUS``
-    name (the one serving and the one a rollback returns to).
+    """Delete all but the newest ``keep`` versions; returns the deleted ones, oldest first.
 
-    Temporary directories left by an interrupted write are removed after six hours.
+    Whatever ``keep`` is, never deleted: the version ``CURRENT`` names, the version it
+    replaced (``PREVIOUS``, the rollback target) and every version written since the last
+    promotion (``CURRENT``'s modification time): a candidate being evaluated, one kept for
+    inspection or one a killed run left behind waits for the next promotion. Temporary files
+    and directories left by an interrupted write are removed once they are
+    :data:`STALE_TMP_SECONDS` old, when no writer can still be filling them.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    pinned = {current_version(model_dir), previous_version(model_dir)}
+    model_dir = Path(model_dir)
     versions = list_versions(model_dir)
-    removable = [v for v in versions[: max(0, len(versions) - keep)] if v not in pinned]
+    protected = {current_version(model_dir), previous_version(model_dir)}
+    try:
+        promoted_at = (model_dir / CURRENT).stat().st_mtime_ns
+    except FileNotFoundError:
+        promoted_at = None  # never promoted: everything is younger than the last promotion
+    for version in versions:
+        if promoted_at is None or (model_dir / VERSIONS / version).stat().st_mtime_ns > promoted_at:
+            protected.add(version)
+    removable = [v for v in versions[: max(0, len(versions) - keep)] if v not in protected]
     for version in removable:
-        shutil.rmtree(Path(model_dir) / VERSIONS / version)
-    # Half-written versions of a killed trainer never become visible; reclaim their space
-    # once they are old enough that no writer can still be filling them.
-    cutoff = time.time() - STALE_TMP_SECONDS
-    for tmp in (Path(model_dir) / VERSIONS).glob(".tmp-*"):
-        if tmp.stat().st_mtime < cutoff:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(model_dir / VERSIONS / version)
+    # Half-written versions and pointers of a killed writer.
+    remove_stale_temporaries(model_dir / VERSIONS, ".tmp-*")
+    remove_stale_temporaries(model_dir, ".*.tmp-*")
     return removable
+
+
+def remove_stale_temporaries(directory: Path, pattern: str) -> list[Path]:
+    """Delete entries of ``directory`` matching ``pattern`` not modified for
+    :data:`STALE_TMP_SECONDS` (temporaries of a killed writer); returns them."""
+    cutoff = time.time() - STALE_TMP_SECONDS
+    removed = []
+    for tmp in directory.glob(pattern):
+        try:
+            if tmp.lstat().st_mtime >= cutoff:
+                continue  # a writer may still be filling it
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue  # its writer renamed or removed it meanwhile
+        removed.append(tmp)
+    return removed

@@ -1,9 +1,16 @@
-"""Mult-VAE^PR and Mult-DAE (Liang et al., WWW 2018), the whole model in one file.
+"""Mult-VAE^PR and Mult-DAE (Liang et al., WWW 2018) and RecVAE (Shenbin et al., WSDM 2020).
 
 Generative model (Eq. 1): z ~ N(0, I_K), pi = softmax(f_theta(z)), x_u ~ Mult(N_u, pi).
 Inference model: q_phi(z | x_u) = N(mu_phi(x_u), diag sigma^2_phi(x_u)) for the VAE,
 a point estimate z = g_phi(x_u) for the DAE. Both rank items by the decoder logits f_theta(z)
 with z the encoder mean (Section 2.4).
+
+RecVAE (``kind="recvae"``) keeps the multinomial decoder (one linear layer K -> I) and the
+fold-in at the encoder mean, so it serves exactly like Mult-VAE. Its encoder is densely
+connected: every hidden layer h_j = LayerNorm(swish(W_j h_{j-1} + h_1 + ... + h_{j-1})), all
+hidden layers one width. Its prior is a mixture of N(0, I), the previous encoder's posterior
+and a wide N(0, e^10 I) (:meth:`MultVAE.composite_prior_log_density`); the alternating
+encoder/decoder updates and beta = gamma * |x_u| live in the training loop.
 
 The first layer never sees a dense user x item batch: the L2-normalised click rows arrive as
 a :class:`SparseRows` (CSR pieces) and go through ``embedding_bag`` with per-sample weights
@@ -25,7 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ModelKind = Literal["multvae", "multdae"]
+ModelKind = Literal["multvae", "multdae", "recvae"]
+MODEL_KINDS: tuple[ModelKind, ...] = ("multvae", "multdae", "recvae")
+# RecVAE's composite prior: weights of N(0, I), the old posterior and N(0, e^10 I).
+PRIOR_WEIGHTS = (3 / 20, 3 / 4, 1 / 10)
+WIDE_PRIOR_LOGVAR = 10.0
+RECVAE_LAYER_NORM_EPS = 0.1
 Likelihood = Literal["multinomial", "gaussian", "logistic"]
 
 
@@ -52,8 +64,18 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.kind not in ("multvae", "multdae"):
-            raise ValueError(f"kind must be 'multvae' or 'multdae', got {self.kind!r}")
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, got {self.kind!r}")
+        if self.kind == "recvae":
+            if len(self.p_dims) != 2:
+                raise ValueError(
+                    f"a RecVAE decoder is one layer: p_dims must be [K, I], got {self.p_dims}"
+                )
+            if len(q) < 3 or len(set(q[1:-1])) != 1:
+                raise ValueError(
+                    f"a RecVAE encoder needs >= 1 hidden layer, all of one width (dense "
+                    f"connections add them): q_dims [I, H, ..., H, K], got {q}"
+                )
         if self.likelihood not in ("multinomial", "gaussian", "logistic"):
             raise ValueError(
                 f"likelihood must be multinomial, gaussian or logistic, got {self.likelihood!r}"
@@ -61,7 +83,11 @@ class ModelConfig:
 
     @classmethod
     def default(cls, kind: ModelKind, n_items: int, **overrides: Any) -> ModelConfig:
-        """The paper's architectures: VAE [I -> 600 -> 200 -> 600 -> I], DAE [I -> 200 -> I]."""
+        """The papers' architectures: VAE [I -> 600 -> 200 -> 600 -> I], DAE [I -> 200 -> I],
+        RecVAE [I -> 5 x 600 -> 200 -> I]."""
+        if kind == "recvae":
+            return cls(kind=kind, p_dims=(200, n_items), q_dims=(n_items, *(600,) * 5, 200),
+                       **overrides)
         p_dims = (200, 600, n_items) if kind == "multvae" else (200, n_items)
         return cls(kind=kind, p_dims=p_dims, **overrides)
 
@@ -175,8 +201,18 @@ def _bias_(bias: Tensor) -> None:
     nn.init.trunc_normal_(bias, std=0.001, a=-0.002, b=0.002)
 
 
+def _swish(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)
+
+
+def _log_normal(z: Tensor, mu: Tensor, logvar: Tensor | float) -> Tensor:
+    """Elementwise log N(z; mu, exp(logvar))."""
+    logvar_t = torch.as_tensor(logvar, dtype=z.dtype, device=z.device)
+    return -0.5 * (logvar_t + math.log(2 * math.pi) + (z - mu) ** 2 / logvar_t.exp())
+
+
 class MultVAE(nn.Module):
-    """Mult-VAE^PR (``kind="multvae"``) or Mult-DAE (``kind="multdae"``) from one config."""
+    """Mult-VAE^PR, Mult-DAE or RecVAE (``config.kind``) from one config."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -184,7 +220,7 @@ class MultVAE(nn.Module):
         q = config.encoder_dims
         # Layer output sizes; the VAE's last encoder layer emits mean and log-variance (2K).
         outs = list(q[1:])
-        if config.kind == "multvae":
+        if config.kind != "multdae":
             outs[-1] *= 2
         # First encoder layer as an (I, h) table so sparse rows go through embedding_bag.
         self.input_weight = nn.Parameter(torch.empty(q[0], outs[0]))  # (I, h1)
@@ -201,6 +237,12 @@ class MultVAE(nn.Module):
         for layer in [*self.encoder, *self.decoder]:
             _glorot_(layer.weight, layer.in_features, layer.out_features)
             _bias_(layer.bias)
+        # RecVAE: one LayerNorm per hidden layer (absent for the others: their weights are
+        # unchanged, so versions written before RecVAE existed load as they are).
+        self.norms = nn.ModuleList(
+            nn.LayerNorm(width, eps=RECVAE_LAYER_NORM_EPS)
+            for width in (q[1:-1] if config.kind == "recvae" else ())
+        )
 
     # -- encoder ---------------------------------------------------------------------------
 
@@ -218,8 +260,14 @@ class MultVAE(nn.Module):
         return h + self.input_bias  # (B, q1)
 
     def encode(self, x: SparseRows) -> tuple[Tensor, Tensor | None]:
-        """(mu, logvar) for the VAE, (g(x), None) for the DAE; dropout only in training."""
-        h = self._first_layer(x, self.config.dropout if self.training else 0.0)
+        """(mu, logvar) for the VAEs, (g(x), None) for the DAE; dropout only in training."""
+        return self.encode_with_dropout(x, self.config.dropout if self.training else 0.0)
+
+    def encode_with_dropout(self, x: SparseRows, dropout: float) -> tuple[Tensor, Tensor | None]:
+        """:meth:`encode` with an explicit input dropout (RecVAE's decoder steps use 0)."""
+        h = self._first_layer(x, dropout)
+        if self.config.kind == "recvae":
+            return self._dense_encoder(h)
         # tanh between layers; the VAE's Gaussian parameters get no activation.
         dae = self.config.kind == "multdae"
         n_layers = 1 + len(self.encoder)
@@ -233,6 +281,17 @@ class MultVAE(nn.Module):
             return h, None  # (B, K)
         k = self.config.latent_dim
         return h[:, :k], h[:, k:]  # (B, K), (B, K)
+
+    def _dense_encoder(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        # h_1 = LN(swish(x W_1)); h_j = LN(swish(h_{j-1} W_j + h_1 + ... + h_{j-1})).
+        h = self.norms[0](_swish(h))
+        skip = h
+        for layer, norm in zip(self.encoder[:-1], self.norms[1:], strict=True):
+            h = norm(_swish(layer(h) + skip))
+            skip = skip + h
+        out = self.encoder[-1](h)
+        k = self.config.latent_dim
+        return out[:, :k], out[:, k:]
 
     def decode_hidden(self, z: Tensor) -> Tensor:
         """The decoder up to its output layer: (B, K) -> (B, p_dims[-2]), the tanh applied."""
@@ -264,6 +323,10 @@ class MultVAE(nn.Module):
 
     def neg_log_likelihood(self, logits: Tensor, x: SparseRows) -> Tensor:
         """Mean over the batch of -log p(x_u | z_u), Eq. 2-4, without densifying x."""
+        return -self.log_likelihood_rows(logits, x).mean()
+
+    def log_likelihood_rows(self, logits: Tensor, x: SparseRows) -> Tensor:
+        """(B,) log p(x_u | z_u) per row, without densifying x."""
         at_clicks = logits[x.rows, x.indices]  # (nnz,) f_ui on the clicked items
         likelihood = self.config.likelihood
         if likelihood == "multinomial":
@@ -278,12 +341,38 @@ class MultVAE(nn.Module):
         else:
             # sum_i x log s(f) + (1 - x) log(1 - s(f)) = sum_i -softplus(f_i) + sum_i x_ui f_ui
             ll = -F.softplus(logits).sum(dim=1) + _row_sum(x.values * at_clicks, x)
-        return -ll.mean()
+        return ll
 
     @staticmethod
     def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
         """Mean over the batch of KL(N(mu, sigma^2) || N(0, I))."""
         return (0.5 * (-logvar + logvar.exp() + mu**2 - 1.0)).sum(dim=1).mean()
+
+    @staticmethod
+    def composite_prior_kl(
+        z: Tensor, mu: Tensor, logvar: Tensor, old_mu: Tensor, old_logvar: Tensor
+    ) -> Tensor:
+        """(B,) one-sample estimate of KL(q(z|x) || p(z)) under RecVAE's composite prior.
+
+        p(z) = 3/20 N(0, I) + 3/4 N(old_mu, old_sigma^2) + 1/10 N(0, e^10 I) per dimension,
+        with (old_mu, old_logvar) the previous-epoch encoder's posterior for the same user.
+        """
+        components = torch.stack(
+            [
+                _log_normal(z, torch.zeros_like(z), 0.0) + math.log(PRIOR_WEIGHTS[0]),
+                _log_normal(z, old_mu, old_logvar) + math.log(PRIOR_WEIGHTS[1]),
+                _log_normal(z, torch.zeros_like(z), WIDE_PRIOR_LOGVAR)
+                + math.log(PRIOR_WEIGHTS[2]),
+            ],
+            dim=-1,
+        )
+        log_prior = torch.logsumexp(components, dim=-1)
+        return (_log_normal(z, mu, logvar) - log_prior).sum(dim=1)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The inference network's parameters (RecVAE updates them apart from the decoder's)."""
+        return [self.input_weight, self.input_bias, *self.encoder.parameters(),
+                *self.norms.parameters()]
 
     def l2_penalty(self) -> Tensor:
         """Sum of squared weights (biases excluded), the DAE's weight decay term."""

@@ -3,6 +3,10 @@
 Recall@k = hits in the top k / min(k, |held-out|).
 NDCG@k = sum_{r<=k} 1[hit at r] / log2(r + 1), divided by the ideal DCG over
 min(|held-out|, k) items.
+Precision@k = hits in the top k / k.
+MRR@K = 1 / rank of the first hit in the top K, 0 when none is (K: the ranking depth).
+Coverage@k = distinct items recommended in anyone's top k / catalogue size (one number for
+all users; a user's own fold-in items, ranked only when too few others exist, do not count).
 """
 
 from __future__ import annotations
@@ -111,17 +115,68 @@ def ndcg_at_k(topk: NDArray[np.int64], targets: sp.csr_matrix, k: int) -> NDArra
     return dcg / ideal
 
 
+def precision_at_k(
+    topk: NDArray[np.int64], targets: sp.csr_matrix, k: int
+) -> NDArray[np.float64]:
+    """Per-user Precision@k: hits in the top k over k."""
+    return _hits(topk[:, :k], targets).sum(axis=1) / k
+
+
+def reciprocal_rank(topk: NDArray[np.int64], targets: sp.csr_matrix) -> NDArray[np.float64]:
+    """Per-user 1 / rank of the first held-out item within ``topk``'s columns, else 0."""
+    hits = _hits(topk, targets)
+    first = hits.argmax(axis=1)
+    return np.where(hits.any(axis=1), 1.0 / (first + 1.0), 0.0)
+
+
+def coverage_at_k(topk: NDArray[np.int64], fold_in: sp.csr_matrix, k: int) -> float:
+    """Share of the catalogue that appears in some user's top k (own fold-in items excluded)."""
+    top = topk[:, :k]
+    rows = np.repeat(np.arange(top.shape[0]), top.shape[1])
+    shown = sp.csr_matrix(
+        (np.ones(top.size), (rows, top.ravel())), shape=fold_in.shape, dtype=np.float64
+    )
+    shown = shown - shown.multiply(fold_in > 0)
+    return float(np.count_nonzero(np.asarray(shown.sum(axis=0)).ravel())) / fold_in.shape[1]
+
+
 PAPER_METRICS: tuple[tuple[str, int], ...] = (("recall", 20), ("recall", 50), ("ndcg", 100))
+PAPER_DEPTH = 100  # the largest cut-off a paper metric needs
+_PER_USER_AT_K = {"recall": recall_at_k, "ndcg": ndcg_at_k, "precision": precision_at_k}
+
+
+def ranking_depth(cutoffs: Sequence[int] = ()) -> int:
+    """How many ranked columns the paper's metrics plus ``cutoffs`` need."""
+    return max((PAPER_DEPTH, *cutoffs))
+
+
+def parse_cutoffs(text: str) -> tuple[int, ...]:
+    """``"10,20,50,100"`` -> (10, 20, 50, 100), ascending without repeats; ValueError naming
+    what is accepted otherwise."""
+    try:
+        cutoffs = sorted({int(part) for part in text.split(",")})
+    except ValueError:
+        cutoffs = []
+    if not cutoffs or cutoffs[0] < 1:
+        raise ValueError(
+            f"{text!r}: give cut-offs as comma-separated whole numbers >= 1, e.g. 10,20,50,100"
+        )
+    return tuple(cutoffs)
 
 
 def per_user_metrics(
-    topk: NDArray[np.int64], targets: sp.csr_matrix
+    topk: NDArray[np.int64], targets: sp.csr_matrix, cutoffs: Sequence[int] = ()
 ) -> dict[str, NDArray[np.float64]]:
-    """The paper's Recall@20, Recall@50 and NDCG@100, one value per user."""
+    """The paper's Recall@20, Recall@50 and NDCG@100, one value per user; with ``cutoffs``,
+    also Recall, NDCG and Precision at each cut-off and MRR over all of ``topk``'s columns."""
     out: dict[str, NDArray[np.float64]] = {}
     for name, k in PAPER_METRICS:
-        fn = recall_at_k if name == "recall" else ndcg_at_k
-        out[f"{name}@{k}"] = fn(topk, targets, k)
+        out[f"{name}@{k}"] = _PER_USER_AT_K[name](topk, targets, k)
+    if cutoffs:
+        for name, fn in _PER_USER_AT_K.items():
+            for k in cutoffs:
+                out.setdefault(f"{name}@{k}", fn(topk, targets, k))
+        out[f"mrr@{topk.shape[1]}"] = reciprocal_rank(topk, targets)
     return out
 
 

@@ -19,7 +19,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from multvae.errors import UnknownItemError
+from multvae.errors import UnknownItemError, VerificationError
 from multvae.items import ItemIndex
 from multvae.model import MultVAE, SparseRows
 from multvae.ranking import mask_and_topk, topk_rows
@@ -98,6 +98,23 @@ class Recommender:
     @property
     def n_items(self) -> int:
         return len(self.items)
+
+    def check_finite(self) -> None:
+        """Fold in a few probe histories and raise :class:`VerificationError` unless every
+        score is finite.
+
+        A model whose weights hold NaN or inf (a diverged run, a bad conversion) verifies
+        against its manifest and loads, but ranks nothing: every history would get no items.
+        """
+        n = self.n_items
+        probes = [np.arange(min(10, n), dtype=np.int64), np.array([n - 1]), np.array([n // 2])]
+        scores = fold_in_scores(self.model, _rows(probes, n, self.device))
+        bad = int((~torch.isfinite(scores)).sum())
+        if bad:
+            raise VerificationError(
+                f"the model scores {bad} of {scores.numel()} (item, probe history) pairs as "
+                "NaN or infinite: its weights are not finite; it must not serve"
+            )
 
     def unknown(self, items: Sequence[str]) -> list[str]:
         """The ids in ``items`` this model does not know, in input order."""

@@ -20,7 +20,6 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -38,7 +37,7 @@ from service.errors import (
     describe,
 )
 from service.logs import configure_logging
-from service.metrics import Metrics
+from service.metrics import Exposition, Metrics
 from service.middleware import RequestMiddleware
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
@@ -62,12 +61,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     registry = ModelRegistry(settings, device, metrics)
     await registry.load_initial()
     backend = build_cache(
-        settings.redis_url, settings.cache_max_entries, settings.redis_timeout_ms / 1000
-    )
+        settings.redis_url, settings.cache_max_entries, settings.redis_timeout_ms / 1000,
+        settings.redis_pool_size(), settings.redis_health_check_s,
+    )  # fmt: skip
     cache = GuardedCache(backend, metrics, settings.redis_breaker_s)
     batcher = MicroBatcher(
-        metrics, settings.batch_max_size, settings.batch_wait_ms / 1000, settings.max_pending
-    )
+        metrics, settings.batch_max_size, settings.batch_wait_ms / 1000, settings.max_pending,
+        max_pending_share=settings.max_pending_share,
+    )  # fmt: skip
     batcher.start()
     registry.start()
     app.state.pipeline = Pipeline(settings, metrics, registry, cache, batcher)
@@ -78,9 +79,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gc.freeze()
     log.info(
         "ready: model dir %s, device %s (%d torch threads), cache %s, batches of up to %d rows"
-        " (a lone request waits %s ms for company)",
+        " (a lone request waits %s ms for company), %s",
         settings.model_dir, device, torch.get_num_threads(), cache.name,
         settings.batch_max_size, settings.batch_wait_ms,
+        "API key required on /recommend*, /metrics and /admin/*" if settings.api_key
+        else "authentication OFF (MULTVAE_API_KEY unset): /recommend* and /metrics are open, "
+        "/admin/* is disabled",
     )  # fmt: skip
     try:
         yield
@@ -95,16 +99,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """A new app; ``settings`` default to the environment (``MULTVAE_*``)."""
     settings = settings if settings is not None else Settings()
     metrics = Metrics()
-    # /docs and /redoc with their JavaScript and CSS served from the fastapi-offline package:
-    # FastAPI's default pages fetch them from a CDN and are blank on an offline network.
-    app = FastAPIOffline(
+    app = FastAPI(
         title="multvae-rec",
         version=__version__,
         summary="Mult-VAE fold-in recommendations: click history in, top-N items out.",
         lifespan=lifespan,
+        # Served by service.routes instead, so that the request metrics name them.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.exposition = Exposition(metrics.registry)
     app.state.pipeline = None
     install_handlers(app)
     app.include_router(recommend_router)
@@ -114,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         log_access=settings.access_log,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
     )
     return app
 

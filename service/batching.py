@@ -10,7 +10,9 @@ from. The rule:
 * only a request that would go alone waits for company, at most ``wait_s`` (0: never);
 * once ``max_pending`` histories wait, :meth:`MicroBatcher.submit` raises
   :class:`OverloadedError` at once (a 503 with Retry-After), so overload shows as fast
-  refusals a client or balancer can act on, not as latency that grows without limit.
+  refusals a client or balancer can act on, not as latency that grows without limit;
+* before that global bound, one client may hold at most ``max_pending_share`` of it: a
+  client over its fair share gets the 503, everyone else is still served.
 
 Inference runs on one worker thread, so passes never compete with each other for the cores
 (torch already uses several threads inside one pass) and the event loop stays free to parse
@@ -47,6 +49,7 @@ class _Job:
     queries: Sequence[Query]
     future: asyncio.Future[list[Recommendation]]
     enqueued: float
+    client: str = ""
 
 
 class MicroBatcher:
@@ -62,11 +65,14 @@ class MicroBatcher:
         wait_s: float,
         max_pending: int = 1024,
         clock: Callable[[], float] = time.perf_counter,
+        max_pending_share: float = 1.0,
     ) -> None:
         self.metrics = metrics
         self.max_batch = max_batch
         self.wait_s = wait_s
         self.max_pending = max_pending
+        self.max_pending_share = max_pending_share
+        self.per_client = max(1, int(max_pending * max_pending_share))
         self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="multvae-infer")
         self._pending: deque[_Job] = deque()
@@ -138,10 +144,11 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def submit(
-        self, recommender: Recommender, queries: Sequence[Query]
+        self, recommender: Recommender, queries: Sequence[Query], client: str = ""
     ) -> list[Recommendation]:
         """Recommendations for ``queries`` from ``recommender`` (the version the request began
-        with). Raises :class:`OverloadedError` when ``max_pending`` histories already wait."""
+        with). Raises :class:`OverloadedError` when ``max_pending`` histories already wait,
+        or ``client`` already has its share of them waiting."""
         if self._broken is not None:
             raise NotReadyError(self._broken, headers=RETRY_AFTER)
         if self._task is None:
@@ -155,8 +162,16 @@ class MicroBatcher:
                 f"model (MULTVAE_MAX_PENDING={self.max_pending}); retry in a moment",
                 headers=RETRY_AFTER,
             )
+        mine = sum(len(job.queries) for job in self._pending if job.client == client)
+        if mine and mine + len(queries) > self.per_client:
+            raise OverloadedError(
+                f"this client already has {mine} histories waiting for the model, its share "
+                f"of the queue ({self.per_client} of {self.max_pending}: "
+                f"MULTVAE_MAX_PENDING_SHARE={self.max_pending_share:g}); retry in a moment",
+                headers=RETRY_AFTER,
+            )
         future: asyncio.Future[list[Recommendation]] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Job(recommender, queries, future, self.clock()))
+        self._pending.append(_Job(recommender, queries, future, self.clock(), client))
         self._arrived.set()
         return await future
 

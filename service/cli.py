@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -43,7 +45,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (MULTVAE_DEVICE)")
     parser.add_argument("--redis-url", help="Redis cache URL (MULTVAE_REDIS_URL)")
     parser.add_argument(
-        "--batch-wait-ms", type=float, help="micro-batch wait; 0 = off (MULTVAE_BATCH_WAIT_MS)"
+        "--batch-wait-ms",
+        type=float,
+        help="longest a lone request waits for company; 0 = never (MULTVAE_BATCH_WAIT_MS)",
     )
     parser.add_argument(
         "--batch-max-size", type=int, help="rows per forward pass (MULTVAE_BATCH_MAX_SIZE)"
@@ -85,6 +89,8 @@ def _settings_errors(errors: Iterable[Mapping[str, Any]], from_command_line: set
     for error in errors:
         field = str(error["loc"][0]) if error.get("loc") else "?"
         value = error.get("input")
+        if field == "redis_url" and isinstance(value, str):
+            value = re.sub(r"(//[^/@]*?:)[^/@]*@", r"\1***@", value)  # never print a password
         shown = (
             "(hidden)" if field == "api_key" else repr(value) if isinstance(value, str) else value
         )
@@ -102,6 +108,10 @@ def _settings_errors(errors: Iterable[Mapping[str, Any]], from_command_line: set
     return lines
 
 
+def _stopped(signum: int, frame: object) -> None:
+    """The stop signal uvicorn re-raises once it has shut down: nothing is left to do."""
+
+
 def serve(args: argparse.Namespace) -> int:
     """Validate the settings, then run ``uvicorn service.app:create_app --factory``.
 
@@ -114,6 +124,7 @@ def serve(args: argparse.Namespace) -> int:
     from multvae.artifacts import current_version
     from multvae.device import resolve_device
     from service.logs import configure_logging
+    from service.registry import load_serving
     from service.settings import Settings, usable_cpus
 
     overrides: dict[str, Any] = {
@@ -127,29 +138,56 @@ def serve(args: argparse.Namespace) -> int:
         for line in _settings_errors(exc.errors(include_url=False), set(overrides)):
             print(f"multvae serve: error: {line}", file=sys.stderr)
         return 1
-    # Fail before binding the port, with the message rather than a lifespan traceback.
-    resolve_device(settings.device)
+    # Fail before binding the port, with one line rather than a lifespan traceback: the
+    # version CURRENT names must load, verify and fold in to finite scores.
+    device = resolve_device(settings.device)
     if current_version(settings.model_dir) is None:
         raise NoModelError(
             f"{settings.model_dir} has no CURRENT model version: train one first "
             f"(multvae train --out {settings.model_dir}) or point --model-dir elsewhere"
         )
+    load_serving(settings.model_dir, None, device)
     for name, value in overrides.items():
         os.environ[f"MULTVAE_{name.upper()}"] = str(value)
     if args.workers > 1 and settings.torch_threads is None:
         # N processes with every core each would oversubscribe the CPU N times over.
         os.environ["MULTVAE_TORCH_THREADS"] = str(max(1, usable_cpus() // args.workers))
     configure_logging(settings.log_level)
-    # On a startup failure (e.g. the model does not verify) uvicorn exits with status 3.
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+    # After a graceful shutdown uvicorn restores the handlers it found and re-raises the
+    # signal that stopped it. With Python's defaults that kills the process (143 under an
+    # init process such as compose's `init: true`); with these the shutdown ends in exit 0.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, _stopped)
+    _raise_open_files_limit()
+    try:
+        uvicorn.run(
+            "service.app:create_app",
+            factory=True,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+            # h11, not httptools: only h11 bounds a request head (httptools buffers headers
+            # of any size); both bound nothing else, the app's middleware bounds the body.
+            http="h11",
+            h11_max_incomplete_event_size=settings.max_header_bytes,
+            timeout_keep_alive=settings.keep_alive_s,
+        )
+    except SystemExit as exc:
+        # uvicorn exits 3 when startup fails (e.g. CURRENT changed to a bad version since the
+        # check above); the log has said why. Our exit code for "could not serve" is 1.
+        return 1 if exc.code else 0
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: every idle or slow client holds a
+    descriptor, and a soft limit of 256-1024 would let a few hundred of them starve /healthz."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -3,7 +3,7 @@ word them. Plain exceptions: the domain modules raise them without importing the
 ``service.app`` renders every one as a JSON ``{"detail": ...}`` body.
 
     ServiceError                  base: an HTTP status and a message for the client
-     ├── MalformedJSONError       400  the body is not parseable JSON
+     ├── MalformedJSONError       400  the body is not parseable JSON, or repeats a key
      ├── UnauthorizedError        401  API key missing or wrong (the key itself is never echoed)
      ├── AdminDisabledError       403  /admin/* called while no MULTVAE_API_KEY is configured
      ├── ReloadRefusedError       409  a reload was refused (bad version, unreadable CURRENT)
@@ -14,9 +14,9 @@ word them. Plain exceptions: the domain modules raise them without importing the
 
 Framework errors are rendered the same way: validation (422; malformed JSON 400, a body that is
 not JSON 415), strict mode's unknown ids (422), unknown route (404), wrong method (405), a
-body above the limit (413). Unexpected exceptions become a JSON 500 in the request
-middleware (:mod:`service.middleware`); client input never reaches that path, and a client
-that hangs up mid-body is recorded there as 499 with nothing sent.
+body above the limit (413), a body that stops arriving (408). Unexpected exceptions become
+a JSON 500 in the request middleware (:mod:`service.middleware`); client input never reaches
+that path, and a client that hangs up mid-body is recorded there as 499 with nothing sent.
 Messages name the field and the value and say what is accepted.
 """
 

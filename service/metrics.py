@@ -7,7 +7,11 @@ version has one live series at a time; no user or item id is ever a label.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import asyncio
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 NAMESPACE = "multvae"
 
@@ -135,3 +139,35 @@ class Metrics:
         self.model_info.labels(version, device).set(1)
         self.model_items.set(n_items)
         self.model_loaded.set(loaded_at)
+
+
+class Exposition:
+    """``/metrics``' text, rendered on a worker thread and at most once per ``max_age_s``.
+
+    Rendering walks every series under the registry's locks; on the event loop it would
+    stall every request for as long, and clients scraping in a loop would multiply that.
+    Concurrent scrapes share one render, and a scrape within ``max_age_s`` of the last render
+    gets its text: Prometheus scrapes every few seconds, so it always sees fresh counters.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        max_age_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.renders = 0
+        self._text = b""
+        self._rendered_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def render(self) -> bytes:
+        async with self._lock:
+            if self.clock() - self._rendered_at >= self.max_age_s:
+                self._text = await asyncio.to_thread(generate_latest, self.registry)
+                self._rendered_at = self.clock()
+                self.renders += 1
+            return self._text

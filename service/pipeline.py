@@ -1,4 +1,4 @@
-"""The recommend pipeline: queries -> cache -> micro-batched fold-in -> recommendations.
+"""The recommend pipeline: queries -> cache -> micro-batched fold-in -> encoded answers.
 
 Everything a request needs lives on one :class:`Pipeline`, built in the app's lifespan. The
 served version is read once per call, so a hot swap never changes it under a request. This
@@ -8,15 +8,12 @@ module knows nothing of HTTP: the routes turn an :class:`Answer` into a response
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
-import orjson
-
-from multvae.items import ItemIndex
-from multvae.recommend import Query, Recommendation
+from multvae.recommend import Query, Recommendation, Recommender
 from service.batching import MicroBatcher
-from service.cache import GuardedCache, cache_key
+from service.cache import GuardedCache, MemoryCache, cache_key
 from service.errors import NotReadyError
 from service.metrics import Metrics
 from service.registry import ModelRegistry, Served
@@ -32,28 +29,23 @@ class UnknownItemsError(Exception):
         self.unknown = unknown  # per query, in order; empty where all ids are known
 
 
+# The caller's wire form of one recommendation (for the routes, the JSON response body); the
+# recommender is the answering version's (its name, its titles).
+Encoder = Callable[[Recommender, Recommendation], bytes]
+
+# What the cache holds for a query: the fallback kind (empty for none), a newline, then the
+# encoded recommendation, so a hit is answered without decoding and re-encoding anything.
+# Part of every key: entries written in another layout (an older replica) are never read.
+LAYOUT = "body1"
+
+
 @dataclass(frozen=True)
 class Answer:
-    """Recommendations for the queries, in order, and which of them the cache answered;
-    ``items`` is the answering version's index (titles)."""
+    """Encoded recommendations for the queries, in order, and which the cache answered."""
 
     version: str
-    items: ItemIndex
-    recommendations: list[Recommendation]
+    bodies: list[bytes]
     cached: list[bool]
-
-
-def _to_json(rec: Recommendation) -> bytes:
-    return orjson.dumps({"items": rec.items, "unknown": rec.unknown, "fallback": rec.fallback})
-
-
-def _from_json(value: bytes) -> Recommendation | None:
-    try:
-        data = orjson.loads(value)
-        items = [(str(item), float(score)) for item, score in data["items"]]
-        return Recommendation(items, [str(u) for u in data["unknown"]], data["fallback"])
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-        return None  # an entry from an incompatible writer is just a miss
 
 
 @dataclass
@@ -63,6 +55,14 @@ class Pipeline:
     registry: ModelRegistry
     cache: GuardedCache
     batcher: MicroBatcher
+    # This process's copies of shared (Redis) entries, so that a hot entry costs no round
+    # trip. A copy never goes stale: a key names the model version, and the value is a
+    # function of the key. With the in-process backend it would only duplicate it: size 0.
+    near: MemoryCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        shared = self.cache.name != MemoryCache.name
+        self.near = MemoryCache(self.settings.near_cache_entries if shared else 0)
 
     def served(self) -> Served:
         served = self.registry.current
@@ -70,48 +70,80 @@ class Pipeline:
             raise NotReadyError("no model is loaded yet")
         return served
 
-    async def recommend(self, queries: Sequence[Query], strict: bool) -> Answer:
-        """Recommendations for ``queries``; cache misses share one forward pass."""
+    async def recommend(
+        self,
+        queries: Sequence[Query],
+        strict: bool,
+        encode: Sequence[Encoder],
+        client: str = "",
+        variants: Sequence[str] | None = None,
+    ) -> Answer:
+        """``queries[i]`` answered as ``encode[i]`` makes it; cache misses share one forward
+        pass, in which ``client`` (who asks) may hold only its fair share of the queue.
+        ``variants[i]`` names query i's encoding (e.g. ``"title"``) in its cache key."""
         recommender = self.served().recommender
+        version = recommender.version
         unknown = [recommender.unknown(q.items) for q in queries]
         unknown_count = sum(len(u) for u in unknown)
         if unknown_count:
             self.metrics.unknown_items.inc(unknown_count)
             if strict:
-                raise UnknownItemsError(recommender.version, unknown)
-        prefix = self.settings.cache_prefix
-        keys = [cache_key(prefix, recommender.version, q) for q in queries]
-        found = [None if v is None else _from_json(v) for v in await self._gather_get(keys)]
-        misses = [i for i, hit in enumerate(found) if hit is None]
+                raise UnknownItemsError(version, unknown)
+        prefix = f"{self.settings.cache_prefix}:{LAYOUT}"
+        variants = variants or [""] * len(queries)
+        keys = [
+            cache_key(f"{prefix}:{variant}" if variant else prefix, version, q)
+            for q, variant in zip(queries, variants, strict=True)
+        ]
+        values = await self._get_many(keys)
+        # A value without the layout's newline is no entry of ours: a miss, and overwritten.
+        misses = [i for i, value in enumerate(values) if value is None or b"\n" not in value]
         if misses:
-            fresh = await self.batcher.submit(recommender, [queries[i] for i in misses])
-            for i, rec in zip(misses, fresh, strict=True):
-                found[i] = rec
-            await self._gather_set([keys[i] for i in misses], [_to_json(r) for r in fresh])
-        recommendations = [rec for rec in found if rec is not None]
-        for rec in recommendations:
-            if rec.fallback is not None:
-                self.metrics.fallbacks.labels(rec.fallback).inc()
+            fresh = await self.batcher.submit(recommender, [queries[i] for i in misses], client)
+            stored = [
+                (rec.fallback or "").encode() + b"\n" + encode[i](recommender, rec)
+                for i, rec in zip(misses, fresh, strict=True)
+            ]
+            for i, new in zip(misses, stored, strict=True):
+                values[i] = new
+            await self._set_many([(keys[i], v) for i, v in zip(misses, stored, strict=True)])
+        bodies = []
+        for value in values:
+            assert value is not None
+            fallback, _, body = value.partition(b"\n")
+            if fallback:
+                self.metrics.fallbacks.labels(fallback.decode()).inc()
+            bodies.append(body)
         missed = set(misses)
-        cached = [i not in missed for i in range(len(queries))]
-        return Answer(recommender.version, recommender.items, recommendations, cached)
+        return Answer(version, bodies, [i not in missed for i in range(len(queries))])
 
     async def similar(
         self, item: str, n: int, exclude: Sequence[str], candidates: Sequence[str] | None
-    ) -> Answer:
+    ) -> tuple[Recommender, Recommendation]:
         """Items similar to ``item`` (one matrix-vector product: off the event loop, uncached).
 
         Raises :class:`multvae.errors.UnknownItemError` for an item the version does not know.
         """
         recommender = self.served().recommender
         rec = await asyncio.to_thread(recommender.similar, item, n, exclude, candidates)
-        return Answer(recommender.version, recommender.items, [rec], [False])
+        return recommender, rec
 
-    async def _gather_get(self, keys: list[str]) -> list[bytes | None]:
-        return list(await asyncio.gather(*(self.cache.get(k) for k in keys)))
+    async def _get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The near copies first, then one round trip to the shared cache for the rest."""
+        values = await self.near.get_many(keys)
+        far = [i for i, value in enumerate(values) if value is None]
+        if len(far) < len(keys):
+            self.metrics.cache_hits.inc(len(keys) - len(far))
+        if far:
+            fetched = await self.cache.get_many([keys[i] for i in far])
+            found = []
+            for i, value in zip(far, fetched, strict=True):
+                if value is not None:
+                    values[i] = value
+                    found.append((keys[i], value))
+            await self.near.set_many(found, self.settings.cache_ttl_s)
+        return values
 
-    async def _gather_set(self, keys: list[str], values: list[bytes]) -> None:
-        ttl = self.settings.cache_ttl_s
-        await asyncio.gather(
-            *(self.cache.set(k, v, ttl) for k, v in zip(keys, values, strict=True))
-        )
+    async def _set_many(self, entries: list[tuple[str, bytes]]) -> None:
+        await self.near.set_many(entries, self.settings.cache_ttl_s)
+        await self.cache.set_many(entries, self.settings.cache_ttl_s)

@@ -3,10 +3,13 @@
 A reload (from the poller, SIGHUP or ``POST /admin/reload``) loads, verifies and warms up the
 new version on a background thread while the old one keeps answering, then swaps one
 reference. A request reads that reference once, at its start, so requests in flight finish
-on the version they began with. A version that fails to load or verify is refused: the old
-one keeps serving, ``multvae_model_reloads_total{outcome="refused"}`` counts it and the log
-says why. The poller does not retry a refused version (it would fail the same way every few
-seconds); SIGHUP and the admin endpoint do, after someone has fixed the files. A ``CURRENT``
+on the version they began with. A version that fails to load, verify or fold in to finite
+scores is refused: the old one keeps serving, ``multvae_model_reloads_total{outcome="refused"}``
+counts it and the log says why. The poller retries a refused version with exponential backoff
+(the poll interval, doubled after each refusal, at most :data:`RETRY_MAX_S`): a version whose
+files were not all visible yet (a shared volume) is taken a little later, and a broken one
+costs one load and one log line per backoff period. SIGHUP and the admin endpoint retry at
+once. A ``CURRENT``
 that is missing or unreadable is refused the same way; the poller counts and logs it as an
 error once per reason, then at debug level until the reason changes.
 """
@@ -18,8 +21,10 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -33,6 +38,17 @@ from service.settings import Settings
 log = logging.getLogger("multvae.registry")
 
 Trigger = Literal["startup", "poll", "sighup", "admin"]
+
+RETRY_MAX_S = 300.0  # the poller retries a refused version at least this often
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a version was refused, and when the poller may try it again."""
+
+    why: str
+    attempts: int
+    retry_at: float
 
 
 @dataclass(frozen=True)
@@ -79,21 +95,37 @@ def metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def warm_up(recommender: Recommender) -> None:
-    """One forward pass before serving, so the first request pays no lazy initialisation."""
+def load_serving(model_dir: Path, version: str | None, device: torch.device) -> Served:
+    """Blocking: read, verify, rebuild and warm up one version (default: CURRENT's).
+
+    The warm-up folds in probe histories, so the first request pays no lazy initialisation
+    and a model whose scores are not finite is refused before it serves. Raises
+    :class:`ArtifactError` (or its :class:`VerificationError`) when it may not serve.
+    """
+    loaded = load_version(model_dir, version, device)
+    recommender = Recommender(loaded.model, loaded.items, loaded.version)
+    recommender.check_finite()
     ids = list(recommender.items.ids[:10])
     recommender.recommend_batch([Query(ids, 20), Query([], 20)])
+    return Served(loaded, recommender, device)
 
 
 class ModelRegistry:
     """Holds the :class:`Served` version; all mutation happens on the event loop."""
 
-    def __init__(self, settings: Settings, device: torch.device, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        device: torch.device,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
         self.device = device
         self.metrics = metrics
         self.current: Served | None = None
-        self.refused: dict[str, str] = {}  # version -> why, so the poller does not retry it
+        self.refused: dict[str, Refusal] = {}  # the poller's backoff per refused version
+        self._clock = clock
         self.pointer_problem: str | None = None  # why CURRENT could not be read, last time
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[object]] = set()
@@ -101,12 +133,7 @@ class ModelRegistry:
         self._sighup = False
 
     def _load(self, version: str | None) -> Served:
-        """Blocking: read, verify, rebuild and warm up one version."""
-        loaded = load_version(self.settings.model_dir, version, self.device)
-        recommender = Recommender(loaded.model, loaded.items, loaded.version)
-        if self.settings.warmup:
-            warm_up(recommender)
-        return Served(loaded, recommender, self.device)
+        return load_serving(self.settings.model_dir, version, self.device)
 
     def _swap(self, model: Served, trigger: Trigger) -> None:
         old = self.current
@@ -145,8 +172,9 @@ class ModelRegistry:
             self.pointer_problem = None
             if target == serving:
                 return ReloadResult("unchanged", serving, target, f"already serving {target}")
-            if trigger == "poll" and target in self.refused:
-                return ReloadResult("refused", serving, target, self.refused[target])
+            refusal = self.refused.get(target)
+            if trigger == "poll" and refusal is not None and self._clock() < refusal.retry_at:
+                return ReloadResult("refused", serving, target, refusal.why)
             try:
                 model = await asyncio.to_thread(self._load, target)
             except Exception as exc:  # any failure to load must leave the old model serving
@@ -167,12 +195,18 @@ class ModelRegistry:
     def _refuse(self, target: str | None, why: str, trigger: Trigger) -> ReloadResult:
         serving = self.current.version if self.current else ""
         self.metrics.reloads.labels("refused", trigger).inc()
+        retry = ""
         if target is not None:
-            self.refused[target] = why
+            before = self.refused.get(target)
+            attempts = before.attempts + 1 if before is not None else 1
+            delay = min(RETRY_MAX_S, max(self.settings.reload_interval_s, 1.0) * 2**attempts)
+            self.refused[target] = Refusal(why, attempts, self._clock() + delay)
+            if self.settings.reload_interval_s > 0:
+                retry = f" (refusal {attempts}; the poller retries in {delay:.0f} s)"
         log.error(
-            "refused %s (trigger %s), still serving %s: %s",
+            "refused %s (trigger %s), still serving %s%s: %s",
             f"model version {target}" if target is not None else "CURRENT", trigger, serving,
-            why,
+            retry, why,
         )  # fmt: skip
         return ReloadResult("refused", serving, target, why)
 

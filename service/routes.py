@@ -3,24 +3,36 @@ the pipeline and the API-key check, and whose bodies FastAPI and pydantic valida
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import importlib.resources
+import json
 from collections import Counter
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
+import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from multvae import recommend
 from multvae.errors import UnknownItemError
+from multvae.recommend import Recommendation, Recommender
 from service.errors import (
     AdminDisabledError,
     FieldError,
     InvalidRequestError,
+    MalformedJSONError,
     NotReadyError,
     ReloadRefusedError,
     UnauthorizedError,
+    shown,
 )
+from service.metrics import Exposition
 from service.middleware import AccessInfo
 from service.pipeline import Answer, Pipeline, UnknownItemsError
 from service.schemas import (
@@ -42,11 +54,6 @@ BEARER = HTTPBearer(auto_error=False, description="the API key as a bearer token
 
 
 # Dependencies are ``async def``: FastAPI runs plain ``def`` dependencies on a thread pool.
-async def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 async def get_pipeline(request: Request) -> Pipeline:
     pipeline: Pipeline | None = getattr(request.app.state, "pipeline", None)
     if pipeline is None:
@@ -54,7 +61,6 @@ async def get_pipeline(request: Request) -> Pipeline:
     return pipeline
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 PipelineDep = Annotated[Pipeline, Depends(get_pipeline)]
 ApiKey = Annotated[str | None, Security(API_KEY)]
 BearerKey = Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]
@@ -74,25 +80,57 @@ def check_key(settings: Settings, presented: str | None) -> None:
         )
 
 
+def _presented(key: str | None, bearer: HTTPAuthorizationCredentials | None) -> str | None:
+    """The key a request carries: X-API-Key, else the bearer token; both trimmed (HTTP drops
+    a header value's surrounding whitespace), an empty value counts as absent."""
+    for value in (key, bearer.credentials if bearer is not None else None):
+        if value is not None and value.strip():
+            return value.strip()
+    return None
+
+
 async def presented_key(request: Request) -> str | None:
     """The key a request carries, in X-API-Key or as a bearer token."""
-    key = await API_KEY(request)
-    if key is None:
-        bearer = await BEARER(request)
-        key = bearer.credentials if bearer is not None else None
-    return key
+    return _presented(await API_KEY(request), await BEARER(request))
 
 
-async def require_key(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
+# The key checks read the settings from the app rather than through a dependency of their
+# own: every dependant costs FastAPI work per request, and these guard the hot path.
+async def require_key(request: Request, key: ApiKey, bearer: BearerKey) -> None:
     """The API key, enforced only when MULTVAE_API_KEY is set."""
-    check_key(settings, key if key is not None else bearer.credentials if bearer else None)
+    check_key(request.app.state.settings, _presented(key, bearer))
 
 
-async def require_admin(settings: SettingsDep, key: ApiKey, bearer: BearerKey) -> None:
+async def require_admin(request: Request, key: ApiKey, bearer: BearerKey) -> None:
     """Admin endpoints never run unauthenticated: without a key they are off."""
+    settings: Settings = request.app.state.settings
     if settings.api_key is None:
         raise AdminDisabledError("admin endpoints are disabled: set MULTVAE_API_KEY to enable them")
-    check_key(settings, key if key is not None else bearer.credentials if bearer else None)
+    check_key(settings, _presented(key, bearer))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise MalformedJSONError(
+                f"duplicate key {shown(key)} in a JSON object: send each key once (parsers "
+                "disagree on which copy wins, so a proxy could see another request)"
+            )
+        seen[key] = value
+    return seen
+
+
+async def reject_duplicate_keys(request: Request) -> None:
+    """400 for a body whose objects repeat a key: ``{"items": [1], "items": [2]}``.
+
+    FastAPI has parsed the body already (the last copy wins); this second, strict pass over
+    the same bytes (Starlette caches them) refuses what that parse silently resolved.
+    """
+    body = await request.body()
+    if body:
+        with contextlib.suppress(ValueError):  # not JSON at all: FastAPI has answered that
+            json.loads(body, object_pairs_hook=_unique_keys)
 
 
 Strict = Annotated[
@@ -107,7 +145,9 @@ ERRORS: dict[int | str, dict[str, type[ErrorBody]]] = {
 router = APIRouter()
 # The recommend endpoints need the API key (when configured); app.py checks it before any
 # body error too, so an unauthenticated client learns nothing about what a valid body is.
-recommend_router = APIRouter(dependencies=[Depends(require_key)], responses=ERRORS)
+recommend_router = APIRouter(
+    dependencies=[Depends(require_key), Depends(reject_duplicate_keys)], responses=ERRORS
+)
 
 
 def check_limits(
@@ -130,8 +170,8 @@ def check_limits(
             errors.append(FieldError(f"{prefix}{name}", message))
     # A history is a set of clicks; a repeated id usually means the client sends events or
     # counts where the model expects distinct items, so say so instead of guessing.
-    repeated = [item for item, count in Counter(history).items() if count > 1]
-    if repeated:
+    if len(set(history)) < len(history):
+        repeated = [item for item, count in Counter(history).items() if count > 1]
         shown = ", ".join(repr(i) for i in repeated[:10])
         more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
         errors.append(
@@ -149,6 +189,47 @@ def _shown_ids(ids: list[str], limit: int = 20) -> str:
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
+def client_of(request: Request) -> str:
+    """Who asks, for the queue's fair share: the peer address (the real client's when uvicorn
+    trusts a proxy's X-Forwarded-For, --forwarded-allow-ips). Not the API key: one key is
+    shared by every caller of a deployment."""
+    return request.client.host if request.client is not None else ""
+
+
+def encode(recommender: Recommender, rec: Recommendation) -> bytes:
+    """A :class:`RecommendResponse` as JSON, less its last field, ``cached``: this is what the
+    cache keeps, and a hit is answered with these bytes as they are (see :func:`_body`)."""
+    items = [{"item": item, "score": score} for item, score in rec.items]
+    return orjson.dumps(
+        {"items": items, "model_version": recommender.version, "unknown_items": rec.unknown,
+         "fallback": rec.fallback}
+    )  # fmt: skip
+
+
+def encode_titled(recommender: Recommender, rec: Recommendation) -> bytes:
+    """:func:`encode` with each item's title (null where the version has none): ``fields``."""
+    title = recommender.items.title
+    items = [{"item": item, "score": score, "title": title(item)} for item, score in rec.items]
+    return orjson.dumps(
+        {"items": items, "model_version": recommender.version, "unknown_items": rec.unknown,
+         "fallback": rec.fallback}
+    )  # fmt: skip
+
+
+def _scored(
+    recommender: Recommender, rec: Recommendation, body: SimilarRequest
+) -> list[ScoredItem]:
+    if "title" in body.fields:
+        title = recommender.items.title
+        return [ScoredItem(item=i, score=s, title=title(i)) for i, s in rec.items]
+    return [ScoredItem(item=i, score=s) for i, s in rec.items]
+
+
+def _body(answer: Answer, i: int) -> bytes:
+    """The i-th encoded answer with ``cached`` added in place of its closing brace."""
+    return answer.bodies[i][:-1] + (b',"cached":true}' if answer.cached[i] else b',"cached":false}')
+
+
 async def _answer(
     request: Request,
     pipeline: Pipeline,
@@ -157,9 +238,12 @@ async def _answer(
     prefixes: list[str],
 ) -> Answer:
     queries = [recommend.Query(b.items, b.n, b.exclude, b.candidates) for b in bodies]
+    titled = ["title" in b.fields for b in bodies]
     try:
         answer = await pipeline.recommend(
-            queries, pipeline.settings.strict if strict is None else strict
+            queries, pipeline.settings.strict if strict is None else strict,
+            [encode_titled if t else encode for t in titled], client_of(request),
+            ["title" if t else "" for t in titled],
         )
     except UnknownItemsError as exc:
         raise InvalidRequestError.of(
@@ -181,47 +265,30 @@ async def _answer(
     return answer
 
 
-def _items(answer: Answer, i: int, body: RecommendRequest | SimilarRequest) -> list[ScoredItem]:
-    ranked = answer.recommendations[i].items
-    if "title" in body.fields:
-        title = answer.items.title
-        return [ScoredItem(item=item, score=score, title=title(item)) for item, score in ranked]
-    return [ScoredItem(item=item, score=score) for item, score in ranked]
-
-
-def _response(answer: Answer, i: int, body: RecommendRequest) -> RecommendResponse:
-    rec = answer.recommendations[i]
-    return RecommendResponse(
-        items=_items(answer, i, body),
-        model_version=answer.version,
-        unknown_items=rec.unknown,
-        fallback=rec.fallback,
-        cached=answer.cached[i],
-    )
-
-
-# A title is in an answer only when the request asked for it (exclude_unset), not as null.
-@recommend_router.post("/recommend", response_model_exclude_unset=True)
+# The routes answer with the bytes they built, which FastAPI sends as they are; response_model
+# still documents them in OpenAPI.
+@recommend_router.post("/recommend", response_model=RecommendResponse)
 async def recommend_one(
     body: RecommendRequest,
     request: Request,
     pipeline: PipelineDep,
     strict: Strict = None,
-) -> RecommendResponse:
+) -> Response:
     """Top-n items for one click history, history and exclude never returned."""
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)
-    return _response(await _answer(request, pipeline, [body], strict, [""]), 0, body)
+    answer = await _answer(request, pipeline, [body], strict, [""])
+    return Response(_body(answer, 0), media_type="application/json")
 
 
-@recommend_router.post("/recommend/batch", response_model_exclude_unset=True)
+@recommend_router.post("/recommend/batch", response_model=BatchResponse)
 async def recommend_batch(
     body: BatchRequest,
     request: Request,
     pipeline: PipelineDep,
     strict: Strict = None,
-) -> BatchResponse:
+) -> Response:
     """Many histories in one forward pass, answered in order."""
     settings = pipeline.settings
     if len(body.requests) > settings.max_batch_requests:
@@ -239,7 +306,8 @@ async def recommend_batch(
     if errors:
         raise InvalidRequestError.of(errors)
     answer = await _answer(request, pipeline, body.requests, strict, prefixes)
-    return BatchResponse(results=[_response(answer, i, r) for i, r in enumerate(body.requests)])
+    results = b",".join(_body(answer, i) for i in range(len(body.requests)))
+    return Response(b'{"results":[' + results + b"]}", media_type="application/json")
 
 
 @recommend_router.post("/similar", response_model_exclude_unset=True)
@@ -249,21 +317,55 @@ async def similar(body: SimilarRequest, request: Request, pipeline: PipelineDep)
     if errors:
         raise InvalidRequestError.of(errors)
     try:
-        answer = await pipeline.similar(body.item, body.n, body.exclude, body.candidates)
+        recommender, rec = await pipeline.similar(
+            body.item, body.n, body.exclude, body.candidates
+        )
     except UnknownItemError as exc:
         raise InvalidRequestError.of([FieldError("item", str(exc))]) from None
     access: AccessInfo | None = getattr(request.state, "access", None)
     if access is not None:
-        access.model_version = answer.version
-    return SimilarResponse(
-        item=body.item, items=_items(answer, 0, body), model_version=answer.version
-    )
+        access.model_version = recommender.version
+    items = _scored(recommender, rec, body)
+    return SimilarResponse(item=body.item, items=items, model_version=recommender.version)
 
 
 @router.get("/healthz")
+@router.head("/healthz", operation_id="healthz_head")  # load balancers probe with HEAD too
 async def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
+
+
+# The API's own document and UI as plain routes (FastAPI's built-in ones are not routes the
+# request metrics can name: they would all count as "unmatched").
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+# Swagger UI's JavaScript and CSS as the fastapi-offline package ships them, served from here:
+# FastAPI's default page fetches them from a CDN and is blank on a network without internet.
+DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+              "favicon.png": "image/png"}  # fmt: skip
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs() -> HTMLResponse:
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="multvae-rec API",
+        swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs/assets/swagger-ui.css",
+        swagger_favicon_url="/docs/assets/favicon.png",
+    )
+
+
+@router.get("/docs/assets/{name}", include_in_schema=False)
+async def docs_asset(name: str) -> FileResponse:
+    if name not in DOCS_FILES:
+        raise HTTPException(404)
+    return FileResponse(DOCS_ASSETS / name, media_type=DOCS_FILES[name])
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
@@ -281,11 +383,22 @@ async def model_info(pipeline: PipelineDep) -> ModelInfo:
     return ModelInfo(**pipeline.served().describe())
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    dependencies=[Depends(require_key)],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": f"Prometheus text format ({CONTENT_TYPE_LATEST})",
+        },
+        401: {"model": ErrorBody},
+    },
+)
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition."""
-    registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition; needs the API key when one is configured."""
+    exposition: Exposition = request.app.state.exposition
+    return Response(await exposition.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.post(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
 from service.errors import shown
@@ -46,7 +46,12 @@ def _item_id(value: Any) -> str:
     )
 
 
-ItemId = Annotated[str, BeforeValidator(_item_id)]
+# The schema says what the validator accepts: a string or an integer (never a float/bool).
+ItemId = Annotated[
+    str,
+    BeforeValidator(_item_id),
+    WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]}),
+]
 # Extra per-item fields a client may ask for; "title" is the title the model version knows.
 ItemField = Literal["title"]
 Count = Annotated[int, Field(strict=True, ge=1, description="how many items to return")]

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.catalog import ALIASES, FORMATS, PRESETS
+from training.catalog import ALIASES, FORMATS, MODEL_KINDS, PRESETS
 
 # Exit codes of `multvae retrain`, for cron, the k8s CronJob's podFailurePolicy and
 # deploy/entrypoint-trainer.sh.
@@ -78,7 +78,10 @@ def _dims(text: str) -> tuple[int, ...]:
 def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """--data/--format/--*-col/--preset and the filter and split flags (shared with retrain)."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", required=required, help="interaction file (or Netflix directory)")
+    g.add_argument(
+        "--data", required=required,
+        help="interaction file (or a Netflix, FilmTrust or CiteULike directory)",
+    )
     g.add_argument("--format", default="auto", choices=FORMAT_CHOICES)
     g.add_argument("--user-col", help="user column of a generic CSV/TSV/Parquet file")
     g.add_argument("--item-col", help="item column of a generic CSV/TSV/Parquet file")
@@ -95,8 +98,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
     )
     g.add_argument(
         "--min-rating", type=float,
-        help="keep ratings > this (default 3.5 when the file has ratings; files of clicks "
-        "or counts keep every row)",
+        help="keep ratings > this (default 3.5 when the file has ratings, 2.5 for FilmTrust's "
+        "0.5-4 scale; files of clicks or counts keep every row)",
     )
     g.add_argument(
         "--keep-all-ratings", action="store_true", help="do not binarise: every row is a click"
@@ -140,15 +143,19 @@ def spec_from_args(args: argparse.Namespace) -> DataSpec:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model and optimisation flags; unset ones follow the paper (preset) or adapt to the data."""
     g = parser.add_argument_group("model and training")
-    g.add_argument("--model", default="multvae", choices=("multvae", "multdae"))
+    g.add_argument(
+        "--model", choices=("auto", *MODEL_KINDS),
+        help="multvae (Liang et al.), multdae, or recvae (Shenbin et al., WSDM 2020); auto "
+        "(default): multdae below 10,000 training users, multvae from there",
+    )
     g.add_argument(
         "--likelihood", default="multinomial", choices=("multinomial", "gaussian", "logistic")
     )
     g.add_argument(
         "--hidden-dims",
         type=_dims,
-        help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for a VAE with >= 10,000 "
-        "training users, none below and for the DAE)",
+        help="hidden layer sizes, e.g. 600, or 'none' (default: 600 for Mult-VAE from 10,000 "
+        "training users, none below and for the DAE; 600,600,600,600,600 for RecVAE)",
     )
     g.add_argument("--latent-dim", type=positive_int, help="K (default 200)")
     g.add_argument("--dropout", type=float, help="input dropout (default 0.5)")
@@ -182,6 +189,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "epochs, at least 20; none under the paper presets)",
     )
     g.add_argument("--no-early-stopping", action="store_true")
+    g.add_argument(
+        "--gamma", type=float,
+        help="RecVAE: KL weight per click, beta_u = gamma * |x_u| (default 0.005)",
+    )
+    g.add_argument(
+        "--encoder-epochs", type=positive_int,
+        help="RecVAE: encoder passes per decoder pass in each epoch (default 3)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -201,6 +216,8 @@ CONFIG_FLAGS = (
     "patience",
     "device",
     "seed",
+    "gamma",
+    "encoder_epochs",
 )
 
 

@@ -2,14 +2,19 @@
 
 Every baseline is fitted on the training users only. Held-out users are folded in from their
 fold-in clicks without refitting (strong generalisation, as for the model), their fold-in
-items are masked, and the top 100 go through :func:`training.evaluate.evaluate_topk`, so the
-numbers are directly comparable with the model's. Hyperparameters are chosen by validation
-NDCG@100 and the chosen fit scores the test users.
+items are masked, and the top 100 (or down to the deepest ``--k`` cut-off) go through
+:func:`training.evaluate.evaluate_topk`, so the numbers are directly comparable with the
+model's. Hyperparameters are chosen by validation NDCG@100 and the chosen fit scores the
+test users.
 
 * popularity: training click counts (ties by column, as the service's cold-start fallback).
 * EASE: B = I - P diag(1 / diag(P)), P = (X^T X + lambda I)^-1, scores x B; lambda from
-  :data:`EASE_GRID`. Needs dense I x I float64 matrices, so it refuses catalogues whose
-  inverse does not fit in the memory available.
+  :data:`EASE_GRID`. With more training users than items: two dense I x I float32 matrices
+  at a time (the best B so far and the one being inverted in place; X^T X is rebuilt per
+  lambda rather than kept). With fewer users than items (CiteULike-t: 4,175 x 24,100) the
+  same B in its dual form, by the Woodbury identity P = (I - X^T K X) / lambda with
+  K = (X X^T + lambda I)^-1, a U x U matrix, and B is never formed: x B = ((x X^T) K X - x o
+  diag(X^T K X)) / (1 - diag(X^T K X)). It refuses data for which either does not fit.
 * WMF: implicit alternating least squares with confidence c = 1 + alpha * x. Each half step
   solves every row's normal equations with a few conjugate-gradient steps warm-started from
   the previous factors (vectorised over rows; cost O(nnz * k) per step instead of one k x k
@@ -34,7 +39,7 @@ import torch
 from numpy.typing import NDArray
 
 from multvae.errors import DataError
-from multvae.ranking import topk_rows
+from multvae.ranking import ranking_depth, topk_rows
 from training.dataset import HeldOut, Split
 from training.evaluate import TOP_K, Evaluation, evaluate_topk
 
@@ -45,9 +50,12 @@ WMF_GRID: tuple[tuple[int, float, float], ...] = tuple(
 )  # (factors, alpha, regularisation)
 WMF_ITERATIONS = 15
 CG_STEPS = 3
-# Dense I x I float64 arrays alive at once while the grid runs: the gram matrix, the best B so
-# far, the matrix being inverted and LAPACK's working copy of it.
-EASE_COPIES = 4
+# Dense I x I arrays alive at once while the grid runs: the best B so far and the matrix being
+# factorised and inverted in place. float32: co-occurrence counts are exact up to 2^24 and the
+# ranking does not need more; it halves memory and doubles LAPACK's speed.
+EASE_COPIES = 2
+EASE_DTYPE = np.float32
+GRAM_BLOCK = 1 << 23  # entries of X^T X computed per sparse product (32 MB of float32)
 
 # A fitted baseline: dense scores (B, I) for a batch of fold-in rows (B, I).
 Scorer = Callable[[sp.csr_matrix], NDArray[np.floating]]
@@ -102,8 +110,9 @@ def rank_topk(
     return topk_rows(scores, fold_in, k, batch_size=batch_size)[0]
 
 
-def evaluate_scorer(score: Scorer, heldout: HeldOut) -> Evaluation:
-    return evaluate_topk(rank_topk(score, heldout.fold_in), heldout)
+def evaluate_scorer(score: Scorer, heldout: HeldOut, cutoffs: Sequence[int] = ()) -> Evaluation:
+    return evaluate_topk(rank_topk(score, heldout.fold_in, ranking_depth(cutoffs)), heldout,
+                         cutoffs)
 
 
 # -- popularity ------------------------------------------------------------------------------
@@ -131,36 +140,60 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def ease_memory_bytes(n_items: int) -> int:
-    return EASE_COPIES * n_items * n_items * 8
+def ease_is_dual(n_users: int | None, n_items: int) -> bool:
+    """Whether EASE works in the U x U dual (fewer training users than items)."""
+    return n_users is not None and n_users < n_items
 
 
-def check_ease_memory(n_items: int, available: int | None = None) -> None:
-    """Refuse EASE before allocating when its dense item-item matrices cannot fit."""
+def ease_memory_bytes(n_items: int, n_users: int | None = None) -> int:
+    if ease_is_dual(n_users, n_items):
+        assert n_users is not None
+        return EASE_COPIES * n_users * n_users * 8  # the best K so far and the one inverted
+    return EASE_COPIES * n_items * n_items * np.dtype(EASE_DTYPE).itemsize
+
+
+def check_ease_memory(
+    n_items: int, available: int | None = None, n_users: int | None = None
+) -> None:
+    """Refuse EASE before allocating when its dense matrices cannot fit."""
     available = available_memory_bytes() if available is None else available
-    need = ease_memory_bytes(n_items)
+    need = ease_memory_bytes(n_items, n_users)
     if available is not None and need > available:
+        side = min(n_items, n_users or n_items)
+        what = "users" if ease_is_dual(n_users, n_items) else "items"
         raise DataError(
             f"EASE needs about {need / 1e9:.1f} GB for {n_items:,} items ({EASE_COPIES} dense "
-            f"{n_items:,} x {n_items:,} float64 matrices) but only {available / 1e9:.1f} GB is "
-            "available; drop 'ease' from --baselines, or keep fewer items (about "
-            f"{int(np.sqrt(available / (EASE_COPIES * 8))):,} fit)"
+            f"{side:,} x {side:,} matrices over its {what}) but only {available / 1e9:.1f} GB "
+            "is available; drop 'ease' from --baselines, or keep fewer items"
         )
 
 
-def ease_gram(train: sp.csr_matrix) -> NDArray[np.float64]:
-    """Dense X^T X (I, I) of the binary training matrix."""
-    x = sp.csr_matrix(train, dtype=np.float64)
-    return np.asarray((x.T @ x).toarray(), dtype=np.float64)
+def ease_gram(train: sp.csr_matrix, out: NDArray[np.float32] | None = None) -> NDArray[np.float32]:
+    """Dense X^T X (I, I) float32 of the training matrix, into ``out`` when given.
+
+    Built a block of rows at a time, so the sparse product never exists whole (at ML-20M's
+    20,000 items it is nearly dense and would take three times the dense matrix's memory).
+    """
+    x = sp.csr_matrix(train, dtype=EASE_DTYPE)
+    xt = sp.csr_matrix(x.T)
+    n = x.shape[1]
+    gram = np.empty((n, n), dtype=EASE_DTYPE) if out is None else out
+    step = max(1, GRAM_BLOCK // max(n, 1))
+    for start in range(0, n, step):
+        gram[start : start + step] = (xt[start : start + step] @ x).toarray()
+    return gram
 
 
-def ease_weights(gram: NDArray[np.float64], l2: float) -> NDArray[np.float64]:
-    """EASE's item-item matrix B (I, I) with zero diagonal; ``gram`` is left unchanged."""
-    p = torch.from_numpy(gram.copy())  # shares memory with the array returned below
+def ease_weights(train: sp.csr_matrix, l2: float) -> NDArray[np.float32]:
+    """EASE's item-item matrix B (I, I) float32 with zero diagonal, in one I x I buffer."""
+    n = train.shape[1]
+    buffer = np.empty((n, n), dtype=EASE_DTYPE, order="F")
+    ease_gram(train, out=buffer.T)  # X^T X is symmetric: filling its transpose fills it
+    # Column-major, as LAPACK stores matrices: torch factorises and inverts it in place, where
+    # a row-major tensor costs a working copy. torch's LAPACK (MKL) rather than scipy's: the
+    # bundled OpenBLAS crashes (SIGSEGV in its threaded potrf) from about 16,500 items here.
+    p = torch.from_numpy(buffer)
     p.diagonal().add_(l2)
-    # Cholesky and inverse in place through torch's LAPACK (MKL): scipy's bundled OpenBLAS
-    # crashes (SIGSEGV in its threaded potrf) from about 16,500 items on this 2-core machine,
-    # i.e. on ML-20M-sized catalogues.
     try:
         torch.linalg.cholesky(p, out=p)
     except torch.linalg.LinAlgError as exc:
@@ -168,14 +201,59 @@ def ease_weights(gram: NDArray[np.float64], l2: float) -> NDArray[np.float64]:
             f"X^T X + {l2} I is not positive definite ({exc}); use a larger L2 weight"
         ) from exc
     torch.cholesky_inverse(p, out=p)  # P = (X^T X + lambda I)^-1, both triangles
-    inv = p.numpy()
+    inv = buffer.T  # P is symmetric: the row-major view is P too, and scores rows fast
     inv /= -np.diag(inv).copy()[None, :]  # B_ij = -P_ij / P_jj
     np.fill_diagonal(inv, 0.0)
     return inv
 
 
-def ease_scorer(weights: NDArray[np.float64]) -> Scorer:
-    return lambda block: np.asarray(block @ weights)
+def ease_scorer(weights: NDArray[np.float32]) -> Scorer:
+    # The block in B's dtype: a float64 block would make scipy convert all of B first.
+    return lambda block: np.asarray(block.astype(weights.dtype) @ weights)
+
+
+def ease_dual_scorer(train: sp.csr_matrix, l2: float, chunk: int = 2048) -> Scorer:
+    """EASE's scores x B without B, for fewer training users U than items (see the module doc).
+
+    Costs a U x U Cholesky inverse (float64) per lambda instead of an I x I one.
+    """
+    x = sp.csr_matrix(train, dtype=np.float64)
+    xt = sp.csr_matrix(x.T)
+    k = torch.from_numpy((x @ xt).toarray())  # X X^T, U x U
+    k.diagonal().add_(l2)
+    try:
+        torch.linalg.cholesky(k, out=k)
+    except torch.linalg.LinAlgError as exc:
+        raise DataError(
+            f"X X^T + {l2} I is not positive definite ({exc}); use a larger L2 weight"
+        ) from exc
+    torch.cholesky_inverse(k, out=k)
+    kernel = k.numpy()  # K = (X X^T + lambda I)^-1, symmetric
+    # diag(X^T K X)_j = x_j^T K x_j over item columns x_j, a chunk of items at a time.
+    xc = sp.csc_matrix(x)
+    qdiag = np.empty(x.shape[1])
+    for start in range(0, x.shape[1], chunk):
+        cols = sp.csr_matrix(xc[:, start : start + chunk].T)  # (c, U)
+        qdiag[start : start + chunk] = np.asarray(
+            cols.multiply(cols @ kernel).sum(axis=1)
+        ).ravel()
+    scale = 1.0 / (1.0 - qdiag)  # 1 / (lambda P_jj) > 0: P is positive definite
+
+    def score(block: sp.csr_matrix) -> NDArray[np.float64]:
+        block = sp.csr_matrix(block, dtype=np.float64)
+        t = np.asarray((block @ xt) @ kernel)  # (B, U)
+        xq = np.asarray(xt @ t.T).T  # (B, I) = x X^T K X
+        xq[_rows_of(block), block.indices] -= block.data * qdiag[block.indices]  # B_jj = 0
+        return xq * scale[None, :]
+
+    return score
+
+
+def ease_fit(train: sp.csr_matrix, l2: float) -> Scorer:
+    """EASE's scorer in whichever form is cheaper for the shape of ``train``."""
+    if ease_is_dual(train.shape[0], train.shape[1]):
+        return ease_dual_scorer(train, l2)
+    return ease_scorer(ease_weights(train, l2))
 
 
 # -- WMF (implicit ALS) ----------------------------------------------------------------------
@@ -288,6 +366,7 @@ def _select(
     candidates: Sequence[dict[str, Any]],
     fit: Callable[[dict[str, Any]], Scorer],
     log: Log | None,
+    cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
     tic = time.perf_counter()
     best: tuple[float, dict[str, Any], Scorer, Evaluation] | None = None
@@ -301,24 +380,28 @@ def _select(
             log(f"  {name} {params}: validation NDCG@100 {ndcg:.4f}")
         if best is None or ndcg > best[0]:
             best = (ndcg, params, scorer, val)
+        del scorer  # a losing fit (EASE: an I x I matrix) is freed before the next one
     assert best is not None, "a baseline needs at least one candidate"
     _, params, scorer, val = best
-    test = evaluate_scorer(scorer, split.test)
+    test = evaluate_scorer(scorer, split.test, cutoffs)
     return BaselineResult(name, test, val, dict(params), search, time.perf_counter() - tic)
 
 
-def run_popularity(split: Split, log: Log | None = None) -> BaselineResult:
-    return _select("popularity", split, [{}], lambda _: popularity_scorer(split.train), log)
+def run_popularity(
+    split: Split, log: Log | None = None, cutoffs: Sequence[int] = ()
+) -> BaselineResult:
+    return _select("popularity", split, [{}], lambda _: popularity_scorer(split.train), log,
+                   cutoffs)
 
 
 def run_ease(
-    split: Split, grid: Sequence[float] = EASE_GRID, log: Log | None = None
+    split: Split, grid: Sequence[float] = EASE_GRID, log: Log | None = None,
+    cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
-    check_ease_memory(split.n_items)
-    gram = ease_gram(split.train)  # shared by the grid: only lambda changes
+    check_ease_memory(split.n_items, n_users=split.train.shape[0])
     candidates = [{"l2": float(v)} for v in grid]
     return _select(
-        "ease", split, candidates, lambda p: ease_scorer(ease_weights(gram, p["l2"])), log
+        "ease", split, candidates, lambda p: ease_fit(split.train, p["l2"]), log, cutoffs
     )
 
 
@@ -328,13 +411,14 @@ def run_wmf(
     iterations: int = WMF_ITERATIONS,
     seed: int = 0,
     log: Log | None = None,
+    cutoffs: Sequence[int] = (),
 ) -> BaselineResult:
     def fit(p: dict[str, Any]) -> Scorer:
         _, items = wmf_fit(split.train, p["factors"], p["alpha"], p["reg"], iterations, seed=seed)
         return wmf_scorer(items, p["alpha"], p["reg"])
 
     candidates = [{"factors": f, "alpha": a, "reg": r} for f, a, r in grid]
-    result = _select("wmf", split, candidates, fit, log)
+    result = _select("wmf", split, candidates, fit, log, cutoffs)
     result.params["iterations"] = iterations
     return result
 
@@ -348,21 +432,24 @@ def run_baselines(
     wmf_iterations: int = WMF_ITERATIONS,
     seed: int = 0,
     log: Log | None = None,
+    cutoffs: Sequence[int] = (),
 ) -> dict[str, BaselineResult]:
-    """Fit, select on validation NDCG@100 and score on the test users each named baseline."""
+    """Fit, select on validation NDCG@100 and score on the test users each named baseline
+    (with the metrics at ``cutoffs`` too, as :func:`training.evaluate.evaluate_topk`)."""
     unknown = [n for n in names if n not in BASELINE_NAMES]
     if unknown:
         raise ValueError(f"unknown baseline(s) {unknown}; choose from {BASELINE_NAMES}")
     if "ease" in names:
-        check_ease_memory(split.n_items)  # before any work, so the refusal is immediate
+        # before any work, so the refusal is immediate
+        check_ease_memory(split.n_items, n_users=split.train.shape[0])
     results: dict[str, BaselineResult] = {}
     for name in names:
         if name == "popularity":
-            results[name] = run_popularity(split, log)
+            results[name] = run_popularity(split, log, cutoffs)
         elif name == "ease":
-            results[name] = run_ease(split, ease_grid, log)
+            results[name] = run_ease(split, ease_grid, log, cutoffs)
         else:
-            results[name] = run_wmf(split, wmf_grid, wmf_iterations, seed, log)
+            results[name] = run_wmf(split, wmf_grid, wmf_iterations, seed, log, cutoffs)
         if log is not None:
             r = results[name]
             log(

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "csv", "tsv", "parquet")
+# multvae.model.MODEL_KINDS, named here without importing torch (a test keeps them equal).
+MODEL_KINDS = ("multvae", "multdae", "recvae")
+FORMATS = ("ml-100k", "ml-1m", "ml-20m", "netflix", "msd", "filmtrust", "citeulike", "csv",
+           "tsv", "parquet")
 # Layout-identical releases read by the same code.
 ALIASES = {"ml-10m": "ml-1m", "ml-25m": "ml-20m", "ml-latest": "ml-20m",
-           "ml-latest-small": "ml-20m"}
+           "ml-latest-small": "ml-20m", "citeulike-t": "citeulike", "citeulike-a": "citeulike"}
 
 
 @dataclass(frozen=True)

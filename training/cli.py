@@ -25,6 +25,7 @@ from training.arguments import (
     spec_from_args,
     train_config_from_args,
 )
+from training.catalog import MODEL_KINDS
 
 if TYPE_CHECKING:
     from multvae.artifacts import ModelVersion
@@ -57,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     r = trained.result
     print(
-        f"trained {config.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
+        f"trained {r.plan.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
         f"batch {r.plan.batch_size}) in {r.seconds:.1f}s; best epoch {r.best_epoch}, "
         f"beta {r.beta:.3f}, validation NDCG@100 {r.best_val_ndcg:.4f}"
     )
@@ -67,6 +68,57 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"wrote model version {trained.version} to {where}"
         + ("" if args.no_promote else " (CURRENT)")
     )
+    return 0
+
+
+def _duration(text: str) -> float:
+    from training.tune import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _model_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - set(MODEL_KINDS))
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give model kinds from {', '.join(MODEL_KINDS)}, comma-separated"
+        )
+    return kinds
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from multvae.artifacts import VERSIONS
+    from multvae.device import resolve_device
+    from training.evaluate import format_evaluation
+    from training.pipeline import train_config_for
+    from training.tune import tune
+
+    spec = spec_from_args(args)
+    fixed = {"epochs": args.epochs} if args.epochs is not None else {}
+    base = train_config_for(spec, seed=args.seed, device=args.device, **fixed)
+    resolve_device(base.device)  # fail before reading data
+    result = tune(
+        spec, base, args.out,
+        trials=args.trials, time_budget=args.time_budget, resume=args.resume,
+        promote=args.promote, progress=not args.quiet, models=args.models,
+    )
+    finished = [t for t in result.search if t["val_ndcg@100"] is not None]
+    pruned = sum(t["state"] == "pruned" for t in result.search)
+    print(f"search: {len(result.search)} trials ({pruned} pruned), best first:")
+    for t in sorted(finished, key=lambda t: -t["val_ndcg@100"])[:10]:
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in t["params"].items())
+        print(f"  #{t['number']:<3} {t['state']:<8} val NDCG@100 {t['val_ndcg@100']:.4f}  {params}")
+    trained = result.trained
+    print(f"best: trial {result.study.best_trial.number}, validation NDCG@100 "
+          f"{trained.result.best_val_ndcg:.4f}")
+    print(format_evaluation("test", trained.test))
+    where = Path(args.out) / VERSIONS / str(trained.version)
+    print(f"wrote model version {trained.version} to {where}")
     return 0
 
 
@@ -81,6 +133,15 @@ def _baseline_names(text: str) -> list[str]:
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def _cutoffs(text: str) -> tuple[int, ...]:
+    from multvae.ranking import parse_cutoffs
+
+    try:
+        return parse_cutoffs(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -102,13 +163,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         test = split.test
     else:
         _, test = load_heldout(version.path / HELDOUT_FILE)
-    evaluation = evaluate_model(version.model, test)
+    evaluation = evaluate_model(version.model, test, args.k)
     baselines: dict[str, Any] = {}
     if args.baselines and split is not None:
         from training.baselines import run_baselines
 
         # Progress goes to stderr so that --json output stays parseable.
-        baselines = run_baselines(split, args.baselines, log=_stderr)
+        baselines = run_baselines(split, args.baselines, log=_stderr, cutoffs=args.k)
     report = None
     if args.report:
         from training.report import write_version_report
@@ -134,7 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         best = str(best_baseline({n: r.test for n, r in baselines.items()}))
         print(f"model vs {best} (best baseline), paired t-test:")
         for metric, t in paired_tests(evaluation, baselines[best].test).items():
-            print(f"  {metric:<10} {t.diff:+.4f}  p {t.p:.3g} {t.stars}".rstrip())
+            print(f"  {metric:<12} {t.diff:+.4f}  p {t.p:.3g} {t.stars}".rstrip())
     if report is not None:
         print(f"report: {report[0]} and {report[1]}")
     return 0
@@ -275,12 +336,49 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("evaluate", help="Recall@20/50 and NDCG@100 on the test users")
+    p = subparsers.add_parser(
+        "tune", help="hyperparameter search (Optuna) on the validation users; writes the best"
+    )
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, help="model directory; the study goes to tune/")
+    p.add_argument("--trials", type=positive_int, help="stop when the study has this many trials")
+    p.add_argument(
+        "--time-budget", type=_duration,
+        help="start no trial after this long, e.g. 30m, 2h, 600 (seconds)",
+    )
+    p.add_argument(
+        "--epochs", type=positive_int,
+        help="epochs per trial (default: as multvae train, with early stopping)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the study under --out")
+    p.add_argument(
+        "--promote", action="store_true",
+        help="point CURRENT at the result even when the directory has one already",
+    )
+    p.add_argument(
+        "--models", type=_model_kinds, default=list(MODEL_KINDS),
+        help=f"model kinds to search (default {','.join(MODEL_KINDS)})",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
+
+    p = subparsers.add_parser(
+        "evaluate", help="Recall@20/50 and NDCG@100 (or at --k cut-offs) on the test users"
+    )
     p.add_argument("model_dir", help="model directory")
     p.add_argument("--version", help="version to score (default: CURRENT)")
     p.add_argument("--data", help="re-read and re-split this file instead of heldout.npz")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--k",
+        type=_cutoffs,
+        default=(),
+        metavar="K,...",
+        help="cut-offs, e.g. 10,20,50,100: Recall, NDCG, Precision and catalogue coverage at "
+        "each, and MRR (default: the paper's Recall@20, Recall@50 and NDCG@100 only)",
+    )
     p.add_argument(
         "--baselines",
         type=_baseline_names,
@@ -411,8 +509,9 @@ def register_retrain(subparsers: Any) -> None:
     g = p.add_argument_group("housekeeping and output")
     g.add_argument(
         "--keep", type=int, default=3,
-        help="garbage collection keeps the newest N versions, and always CURRENT and the "
-        "version it replaced (PREVIOUS, for rollback) (default 3)",
+        help="garbage collection keeps the newest N versions and, always, CURRENT, the version "
+        "it replaced (PREVIOUS, for rollback) and every version written since the last "
+        "promotion (default 3)",
     )  # fmt: skip
     g.add_argument(
         "--keep-refused", action="store_true",

@@ -3,12 +3,14 @@
 Every method (the model, the baselines) produces ranked top-k columns for the fold-in rows
 with the fold-in items masked; :func:`evaluate_topk` turns them into per-user Recall@20,
 Recall@50 and NDCG@100, means with standard errors, and NDCG@100 per quintile of fold-in
-activity.
+activity. Given cut-offs (``multvae evaluate --k 10,20,50,100``) it adds Recall, NDCG and
+Precision at each, MRR, and catalogue coverage at each (see :mod:`multvae.ranking`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,19 @@ from numpy.typing import NDArray
 
 from multvae.errors import DataError
 from multvae.model import MultVAE
-from multvae.ranking import per_user_metrics, standard_error, summarise
+from multvae.ranking import (
+    PAPER_DEPTH,
+    coverage_at_k,
+    per_user_metrics,
+    ranking_depth,
+    standard_error,
+    summarise,
+)
 from multvae.recommend import rank_rows
 from training.dataset import HeldOut
 
-TOP_K = 100  # the largest cut-off any paper metric needs
+TOP_K = PAPER_DEPTH  # the largest cut-off any paper metric needs
+CUTOFF_KINDS = (("recall", "Recall"), ("ndcg", "NDCG"), ("precision", "Precision"))
 N_QUINTILES = 5
 
 
@@ -32,6 +42,8 @@ class Evaluation:
 
     per_user: dict[str, NDArray[np.float64]]
     fold_in_sizes: NDArray[np.int64]
+    cutoffs: tuple[int, ...] = ()  # extra cut-offs asked for; () = the paper's metrics only
+    coverage: dict[int, float] = field(default_factory=dict)  # cut-off -> catalogue coverage
 
     @property
     def n_users(self) -> int:
@@ -62,21 +74,46 @@ class Evaluation:
             )
         return out
 
+    def cutoff_rows(self) -> list[tuple[int, list[str]]]:
+        """(k, [Recall, NDCG, Precision, Coverage] as text) per extra cut-off."""
+        summary = self.summary()
+        return [
+            (k, [mean_se(summary[f"{kind}@{k}"]["mean"], summary[f"{kind}@{k}"]["se"])
+                 for kind, _ in CUTOFF_KINDS] + [f"{self.coverage[k]:.4f}"])
+            for k in self.cutoffs
+        ]
+
+    @property
+    def mrr_metric(self) -> str | None:
+        """The key of the MRR metric (``mrr@<depth>``), None when only the paper's are scored."""
+        return next((m for m in self.per_user if m.startswith("mrr@")), None)
+
     def to_json(self) -> dict[str, Any]:
-        return {"users": self.n_users, "metrics": self.summary(), "quintiles": self.quintiles()}
+        out = {"users": self.n_users, "metrics": self.summary(), "quintiles": self.quintiles()}
+        if self.coverage:
+            out["coverage"] = {f"coverage@{k}": v for k, v in self.coverage.items()}
+        return out
 
 
-def evaluate_topk(topk: NDArray[np.int64], heldout: HeldOut) -> Evaluation:
-    """Metrics from ranked columns (fold-in already masked), one row per held-out user."""
+def evaluate_topk(
+    topk: NDArray[np.int64], heldout: HeldOut, cutoffs: Sequence[int] = ()
+) -> Evaluation:
+    """Metrics from ranked columns (fold-in already masked), one row per held-out user.
+
+    ``topk`` needs :func:`~multvae.ranking.ranking_depth` columns (or the whole catalogue).
+    """
     if topk.shape[0] != heldout.n_users:
         raise ValueError(f"{topk.shape[0]} ranked rows for {heldout.n_users} held-out users")
     sizes = np.diff(heldout.fold_in.indptr).astype(np.int64)
-    return Evaluation(per_user_metrics(topk, heldout.targets), sizes)
+    coverage = {k: coverage_at_k(topk, heldout.fold_in, k) for k in cutoffs}
+    return Evaluation(per_user_metrics(topk, heldout.targets, cutoffs), sizes, tuple(cutoffs),
+                      coverage)
 
 
-def evaluate_model(model: MultVAE, heldout: HeldOut) -> Evaluation:
+def evaluate_model(model: MultVAE, heldout: HeldOut, cutoffs: Sequence[int] = ()) -> Evaluation:
     """Fold the held-out users in through the serving code path and score them."""
-    return evaluate_topk(rank_rows(model, heldout.fold_in, TOP_K), heldout)
+    topk = rank_rows(model, heldout.fold_in, ranking_depth(cutoffs))
+    return evaluate_topk(topk, heldout, cutoffs)
 
 
 def mean_se(mean: float, se: float | None) -> str:
@@ -88,8 +125,20 @@ def format_evaluation(name: str, evaluation: Evaluation) -> str:
     """Human-readable metrics with standard errors and the activity breakdown."""
     summary = evaluation.summary()
     lines = [f"{name}: {evaluation.n_users} test users"]
-    for metric, stats in summary.items():
-        lines.append(f"  {metric:<10} {mean_se(stats['mean'], stats['se'])}")
+    if evaluation.cutoffs:
+        header = ["", *(label for _, label in CUTOFF_KINDS), "Coverage"]
+        table = [header] + [[f"@{k}", *cells] for k, cells in evaluation.cutoff_rows()]
+        widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+        for row in table:
+            lines.append("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths,
+                                                                          strict=True)).rstrip())
+        mrr = evaluation.mrr_metric
+        if mrr is not None:
+            stats = summary[mrr]
+            lines.append(f"  MRR@{mrr.split('@')[1]}  {mean_se(stats['mean'], stats['se'])}")
+    else:
+        for metric, stats in summary.items():
+            lines.append(f"  {metric:<10} {mean_se(stats['mean'], stats['se'])}")
     lines.append("  NDCG@100 by fold-in activity quintile:")
     for q in evaluation.quintiles():
         lines.append(

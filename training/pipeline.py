@@ -65,7 +65,9 @@ class PreparedData:
     seconds: float
 
 
-def preprocessing_for(spec: DataSpec, has_values: bool) -> tuple[Preprocessing, float | None]:
+def preprocessing_for(
+    spec: DataSpec, has_values: bool, source: str = ""
+) -> tuple[Preprocessing, float | None]:
     """The filtering rules and held-out size a spec resolves to (preset, then explicit flags)."""
     if spec.preset is not None:
         if spec.preset not in PRESETS:
@@ -73,7 +75,7 @@ def preprocessing_for(spec: DataSpec, has_values: bool) -> tuple[Preprocessing, 
         preset = PRESETS[spec.preset]
         prep, heldout = preset.preprocessing, float(preset.n_heldout)
     else:
-        prep, heldout = default_preprocessing(has_values), None
+        prep, heldout = default_preprocessing(has_values, source), None
     if spec.keep_all_ratings:
         prep = replace(prep, min_rating=None)
     elif spec.min_rating is not None:
@@ -97,7 +99,7 @@ def prepare(spec: DataSpec) -> PreparedData:
     )
     # Play counts (MSD, --count-col) are clicks, not ratings: binarise them without a threshold.
     has_ratings = raw.value is not None and raw.source != "msd" and spec.count_col is None
-    prep, heldout = preprocessing_for(spec, has_ratings)
+    prep, heldout = preprocessing_for(spec, has_ratings, raw.source)
     kept, stats = filter_interactions(raw, prep)
     del raw
     n_heldout: int | float | None = heldout
@@ -134,8 +136,12 @@ def train_and_write(
     promote: bool = True,
     progress: bool = False,
     prepared: PreparedData | None = None,
+    extra_metrics: dict[str, Any] | None = None,
 ) -> TrainedVersion:
-    """Train on the spec's data and write a verified model version (CURRENT moves if promote)."""
+    """Train on the spec's data and write a verified model version (CURRENT moves if promote).
+
+    ``extra_metrics`` (e.g. a tuning search) is stored in metrics.json beside the scores.
+    """
     data = prepared or prepare(spec)
     split = data.split
     log.info("split: %s", split.stats)
@@ -151,6 +157,7 @@ def train_and_write(
         "train_seconds": result.seconds,
         "history": [asdict(r) for r in result.history],
         "anneal_search": [asdict(r) for r in result.anneal_search],
+        **(extra_metrics or {}),
     }
     extra = {
         "data": spec.to_dict(),

@@ -59,6 +59,12 @@ def read_interactions(
         raise DataError(f"unknown format {fmt!r}; accepted: auto, {', '.join(FORMATS)}")
     if fmt == "netflix":
         return read_netflix(path)
+    if fmt == "filmtrust":
+        return _read_filmtrust(path)
+    if fmt == "citeulike" and path.is_dir():
+        path = path / "users.dat"
+        if not path.is_file():
+            raise DataError(f"{path.parent} has no users.dat (the CiteULike layout)")
     if path.is_dir():
         raise DataError(f"{path} is a directory; format {fmt!r} reads one file")
     if path.stat().st_size == 0:
@@ -69,6 +75,8 @@ def read_interactions(
         return _read_headerless(path, fmt, "::", 4, ("int", "int", "float"), _titles_1m)
     if fmt == "msd":
         return _read_headerless(path, fmt, "\t", 3, ("str", "str", "int"), None)
+    if fmt == "citeulike":
+        return _read_citeulike(path)
     if fmt == "parquet":
         return _read_parquet(path, user_col, item_col, rating_col)
     if fmt == "ml-20m":
@@ -83,7 +91,9 @@ def detect_format(path: Path) -> tuple[Path, str]:
         if any(path.glob("mv_*.txt")) or any(path.glob("training_set/mv_*.txt")) \
                 or any(path.glob("combined_data_*.txt")):
             return path, "netflix"
-        for name in ("u.data", "ratings.dat", "ratings.csv", "train_triplets.txt"):
+        if filmtrust_parts(path):
+            return path, "filmtrust"
+        for name in ("u.data", "ratings.dat", "ratings.csv", "train_triplets.txt", "users.dat"):
             if (path / name).is_file():
                 return detect_format(path / name)
     name = path.name.lower()
@@ -93,6 +103,8 @@ def detect_format(path: Path) -> tuple[Path, str]:
         return path, "ml-1m"
     if name == "train_triplets.txt":
         return path, "msd"
+    if name == "users.dat":
+        return path, "citeulike"
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return path, "parquet"
@@ -105,7 +117,8 @@ def detect_format(path: Path) -> tuple[Path, str]:
         return path, suffix[1:]
     raise DataError(
         f"cannot tell the format of {path}; pass one of {', '.join(FORMATS)} "
-        "(netflix takes the directory of mv_*.txt or combined_data_*.txt files)"
+        "(netflix takes the directory of mv_*.txt or combined_data_*.txt files, filmtrust "
+        "the directory of ratings_*.txt files)"
     )
 
 
@@ -118,8 +131,9 @@ def _looks_like_triplet(line: str) -> bool:
 def _first_lines(path: Path, n: int) -> list[str]:
     lines: list[str] = []
     with path.open("rb") as fh:
-        for raw in fh:
-            text = raw.decode("utf-8", "replace").rstrip("\r\n")
+        for lineno, raw in enumerate(fh):
+            # A UTF-8 byte order mark (Excel's "CSV UTF-8") is not part of the first field.
+            text = raw.decode("utf-8-sig" if lineno == 0 else "utf-8", "replace").rstrip("\r\n")
             if text.strip():
                 lines.append(text)
             if len(lines) == n:
@@ -181,6 +195,71 @@ def locate_bad_line(path: Path, check: LineCheck, skip: int, cause: str) -> Data
     return DataError(f"{path}: could not be parsed: {cause}")
 
 
+# ---- FilmTrust (ratings_*.txt parts) and CiteULike (users.dat) ------------------------------
+
+
+def _read_filmtrust(path: Path) -> Interactions:
+    """FilmTrust's ``user item rating`` lines, space-separated, CRLF or LF.
+
+    A directory is read as all its ``ratings_<n>.txt`` parts in order of n (the release splits
+    one dataset into arbitrary parts); a file is read alone.
+    """
+    parts = filmtrust_parts(path) if path.is_dir() else [path]
+    if not parts:
+        raise DataError(f"{path} has no ratings_<n>.txt files (the FilmTrust layout)")
+    check = field_check(" ", 3, {0: "int", 1: "int", 2: "float"})
+    names = ["user", "item", "rating"]
+    types = {"user": pa.int64(), "item": pa.int64(), "rating": pa.float32()}
+    tables = []
+    for part in parts:
+        if part.stat().st_size == 0:
+            raise DataError(f"{part} is empty")
+        table = _arrow_csv(part, check, " ", names, types, names, False)
+        if any(table[c].null_count for c in names):
+            raise locate_bad_line(part, check, skip=0, cause="an empty field")
+        tables.append(table)
+    table = pa.concat_tables(tables)
+    return _to_interactions(path, table["user"], table["item"], table["rating"], "filmtrust",
+                            None, 0)
+
+
+_FILMTRUST_PART = re.compile(r"ratings_(\d+)\.txt")
+
+
+def filmtrust_parts(directory: Path) -> list[Path]:
+    """The ``ratings_<n>.txt`` files of ``directory`` in order of n."""
+    numbered = [(int(m.group(1)), p) for p in directory.iterdir()
+                if (m := _FILMTRUST_PART.fullmatch(p.name)) and p.is_file()]
+    return [p for _, p in sorted(numbered)]
+
+
+def _read_citeulike(path: Path) -> Interactions:
+    """CiteULike's ``users.dat``: line n (from 0) is user n's item count, then the item ids.
+
+    Every pair is an implicit click (no ratings); users with no items do not appear.
+    """
+    users: list[NDArray[np.int64]] = []
+    items: list[NDArray[np.int64]] = []
+    expected = "the item count n followed by n item ids (whole numbers >= 0)"
+    for lineno, line in numbered_lines(path):
+        fields = line.split()
+        if not fields:
+            raise MalformedLineError(path, lineno, expected, line)
+        try:
+            numbers = np.array(fields, dtype=np.int64)
+        except (ValueError, OverflowError):
+            raise MalformedLineError(path, lineno, expected, line) from None
+        if numbers[0] != len(numbers) - 1 or (numbers < 0).any():
+            raise MalformedLineError(path, lineno, expected, line)
+        items.append(numbers[1:])
+        users.append(np.full(len(numbers) - 1, lineno - 1, dtype=np.int64))
+    if not items or not sum(len(i) for i in items):
+        raise DataError(f"{path} has no interactions")
+    user_codes, user_ids = int_codes(np.concatenate(users), sort=True)
+    item_codes, item_ids = int_codes(np.concatenate(items), sort=False)
+    return Interactions(user_codes, item_codes, None, user_ids, item_ids, source="citeulike")
+
+
 # ---- tables with a header: ratings.csv, generic csv/tsv, parquet ------------------------------
 
 
@@ -201,10 +280,22 @@ def _pick(names: list[str], given: str | None, candidates: tuple[str, ...], role
 
 def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: str | None,
                 rating_col: str | None) -> Interactions:
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic == b"PAR1":
+        raise DataError(f"{path} is a Parquet file, not {fmt}: pass --format parquet (or auto)")
     header_line = _first_lines(path, 1)
     if not header_line:
         raise DataError(f"{path} is empty")
-    names = next(csv.reader(header_line, delimiter=sep))
+    if "\x00" in header_line[0] or "\ufffd" in header_line[0]:
+        raise DataError(
+            f"{path} is not a {fmt} text file: its first line is not UTF-8 text (binary data?); "
+            f"pass the file's --format ({', '.join(FORMATS)})"
+        )
+    try:
+        names = next(csv.reader(header_line, delimiter=sep))
+    except csv.Error as exc:
+        raise DataError(f"{path}: the header line is not valid {fmt}: {exc}") from exc
     user = _pick(names, user_col, USER_COLUMNS, "user", path)
     item = _pick(names, item_col, ITEM_COLUMNS, "item", path)
     value = _pick(names, rating_col, RATING_COLUMNS, "rating", path, required=False)
@@ -229,19 +320,41 @@ def _read_table(path: Path, fmt: str, sep: str, user_col: str | None, item_col: 
 def _read_parquet(path: Path, user_col: str | None, item_col: str | None,
                   rating_col: str | None) -> Interactions:
     try:
-        names = list(pq.read_schema(path).names)
+        schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path} is not a readable parquet file: {exc}") from exc
+    names = list(schema.names)
     user = _pick(names, user_col, USER_COLUMNS, "user", path)
     item = _pick(names, item_col, ITEM_COLUMNS, "item", path)
     value = _pick(names, rating_col, RATING_COLUMNS, "rating", path, required=False)
     assert user is not None
     assert item is not None
+    for name, role, accepts in (
+        (user, "user id", _is_id_type), (item, "item id", _is_id_type),
+        (value, "rating", pa.types.is_floating),
+    ):  # fmt: skip
+        if name is None:
+            continue
+        kind = schema.field(name).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (accepts(kind) or (role == "rating" and pa.types.is_integer(kind))):
+            wanted = "strings or integers" if role != "rating" else "numbers"
+            raise DataError(
+                f"{path}: column {name!r} ({role}) has type {schema.field(name).type}; "
+                f"it must hold {wanted}, one interaction per row (explode list columns first)"
+            )
     table = pq.read_table(path, columns=[c for c in (user, item, value) if c is not None])
     if table.num_rows == 0:
         raise DataError(f"{path} has no interactions")
     return _to_interactions(path, table[user], table[item],
                             table[value] if value is not None else None, "parquet", None, 0)
+
+
+def _is_id_type(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_integer(kind) or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+    )
 
 
 # ---- arrow columns -> codes ------------------------------------------------------------------

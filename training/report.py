@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from multvae.artifacts import ModelVersion, atomic_write
 from training.baselines import BaselineResult
-from training.evaluate import Evaluation, mean_se
+from training.evaluate import CUTOFF_KINDS, Evaluation, mean_se
 from training.stats import PairedTest, paired_tests, quintile_tests
 
 REPORTS = "reports"
@@ -50,6 +50,7 @@ SUMMARY_LABELS = {
 }
 
 Row = list[str]
+MODEL_NAMES = {"multvae": "Mult-VAE", "multdae": "Mult-DAE", "recvae": "RecVAE"}
 
 
 def report_dir(model_dir: Path | str, version: str) -> Path:
@@ -101,11 +102,24 @@ def best_baseline(baselines: Mapping[str, Evaluation]) -> str | None:
 def _metrics_table(
     methods: Mapping[str, Evaluation], params: Mapping[str, Mapping[str, Any]]
 ) -> list[Row]:
-    rows = [["method", *(LABELS[m] for m in METRICS), "chosen on validation"]]
+    # MRR (scored with --k) is one number per method: a column here, not a cut-off row.
+    mrr = next(iter(methods.values())).mrr_metric
+    metrics = (*METRICS, mrr) if mrr is not None else METRICS
+    header = [LABELS.get(m, m.upper()) for m in metrics]
+    rows = [["method", *header, "chosen on validation"]]
     for name, ev in methods.items():
         s = ev.summary()
         chosen = ", ".join(f"{k}={v}" for k, v in params.get(name, {}).items())
-        rows.append([name, *(mean_se(s[m]["mean"], s[m]["se"]) for m in METRICS), chosen or "-"])
+        cells = [mean_se(s[m]["mean"], s[m]["se"]) if m in s else "-" for m in metrics]
+        rows.append([name, *cells, chosen or "-"])
+    return rows
+
+
+def _cutoff_table(methods: Mapping[str, Evaluation]) -> list[Row]:
+    """``multvae evaluate --k``'s table for every method: one row per method and cut-off."""
+    rows = [["method", "cut-off", *(label for _, label in CUTOFF_KINDS), "Coverage"]]
+    for name, ev in methods.items():
+        rows += [[name, f"@{k}", *cells] for k, cells in ev.cutoff_rows()]
     return rows
 
 
@@ -245,6 +259,19 @@ def quintile_png(
     return _png(fig)
 
 
+def _search_table(trials: Sequence[Mapping[str, Any]]) -> list[Row]:
+    rows: list[Row] = [["trial", "state", "validation NDCG@100", "epochs", "parameters"]]
+    for t in trials:
+        score = t.get("val_ndcg@100")
+        params = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in t["params"].items()
+        )
+        rows.append([str(t["number"]), t["state"], "-" if score is None else f"{score:.4f}",
+                     str(t.get("epochs", "-")), params])
+    return rows
+
+
 # -- writing ---------------------------------------------------------------------------------
 
 
@@ -260,12 +287,14 @@ def write_report(
     anneal_search: Sequence[Any] = (),
     best_epoch: int | None = None,
     baseline_params: Mapping[str, Mapping[str, Any]] | None = None,
+    search: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write report.md, report.html and the PNGs into ``out_dir``; returns (md, html) paths.
 
     ``history``/``anneal_search``: EpochRecords or their dicts (metrics.json's ``history``).
     ``data``: :func:`data_summary`'s mapping. Baselines are keyed by name (popularity, ease,
-    wmf); every evaluation must cover the same test users in the same order.
+    wmf); every evaluation must cover the same test users in the same order. ``search``:
+    metrics.json's ``search`` of a version written by ``multvae tune``.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +321,10 @@ def write_report(
             _metrics_table(methods, params),
         )
     )
+    if model_eval.cutoffs:
+        ks = ", ".join(str(k) for k in model_eval.cutoffs)
+        sections.append((f"Test metrics at cut-offs {ks} (coverage: share of the catalogue "
+                         "in anyone's top k)", _cutoff_table(methods)))
     if best is not None and tests is not None:
         sections.append(
             (
@@ -304,6 +337,14 @@ def write_report(
     sections.append(
         ("NDCG@100 by fold-in activity quintile (Figure 3)", _quintile_table(methods, q_tests))
     )
+    if search:
+        sections.append(
+            (
+                f"Hyperparameter search (multvae tune: {len(search['trials'])} trials, "
+                f"best {search['best_trial']})",
+                _search_table(search["trials"]),
+            )
+        )
 
     images: list[tuple[str, str, bytes]] = []
     if history:
@@ -382,9 +423,10 @@ def write_version_report(
         {name: r.test for name, r in baselines.items()},
         metrics.get("history", []),
         data_summary({"items": len(version.items), **config.get("split", {})}),
-        model_name="Mult-DAE" if kind == "multdae" else "Mult-VAE",
+        model_name=MODEL_NAMES.get(kind, kind),
         title=f"Evaluation report: model version {version.version}",
         anneal_search=metrics.get("anneal_search", []),
         best_epoch=metrics.get("best_epoch"),
         baseline_params={name: r.params for name, r in baselines.items()},
+        search=metrics.get("search"),
     )

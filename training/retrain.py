@@ -14,7 +14,9 @@ Crash safety: the candidate is written with ``promote=False`` (temp dir + rename
 ``CURRENT`` moves only through :func:`multvae.artifacts.set_current` (temp file + rename). A
 crash at any step therefore leaves ``CURRENT`` and the version it names untouched; a failed
 run removes its own unpromoted candidate, and one killed outright leaves at most a complete
-but unserved version, which garbage collection later removes.
+but unserved version, which garbage collection removes once a later promotion has made it old.
+Garbage collection never removes ``CURRENT``, the version it replaced (``PREVIOUS``) or any
+version written since the last promotion, however many killed or refused candidates exist.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from multvae.artifacts import (
     atomic_write,
     current_version,
     remove_old_versions,
+    remove_stale_temporaries,
     set_current,
 )
 from multvae.device import resolve_device
@@ -300,8 +303,9 @@ def _own_split_json(trained: TrainedVersion) -> dict[str, Any]:
 def _collect_garbage(model_dir: Path, keep: int) -> list[str]:
     # Housekeeping must not turn a promotion into a failure: log and go on.
     try:
+        remove_stale_temporaries(model_dir / REPORTS, ".retrain-*.tmp-*")
         return remove_old_versions(model_dir, keep)
-    except OSError as exc:
+    except (OSError, MultVAEError) as exc:  # e.g. CURRENT unreadable: then nothing is deleted
         log.warning("garbage collection of old versions failed: %s", exc)
         return []
 

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 import torch
+from torch import Tensor
 from tqdm import tqdm
 
 from multvae.device import resolve_device
@@ -37,13 +38,17 @@ from multvae.recommend import rank_rows
 from training.dataset import HeldOut, Split
 
 AnnealCap = float | Literal["auto", "auto-single"]
+# Below this many training users the default kind is Mult-DAE [I -> 200 -> I], from it
+# Mult-VAE [I -> 600 -> 200 -> 600 -> I] (bench/RESULTS.md, "issue 9").
+SMALL_DATA_USERS = 10_000
+RECVAE_HIDDEN = (600,) * 5  # Shenbin et al.'s encoder: five densely connected layers of 600
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a training run; ``None`` means "derive from the data" (see module doc)."""
 
-    model: ModelKind = "multvae"
+    model: ModelKind | Literal["auto"] = "auto"  # auto: see plan()
     likelihood: Likelihood = "multinomial"
     hidden_dims: tuple[int, ...] | None = None  # None: by data size, see plan()
     latent_dim: int = 200
@@ -61,16 +66,29 @@ class TrainConfig:
     patience: int | Literal["auto"] | None = "auto"  # auto: an eighth of the epochs, >= 20
     seed: int = 98765
     device: str = "auto"
+    # RecVAE (model="recvae"): beta_u = gamma * |x_u|; each epoch is encoder_epochs passes
+    # updating the encoder (input dropout on), the prior refresh, then one decoder pass.
+    gamma: float = 0.005
+    encoder_epochs: int = 3
 
     @classmethod
     def paper(
         cls, model: ModelKind = "multvae", epochs: int = 200, **overrides: Any
     ) -> TrainConfig:
-        """Section 4.3 verbatim: batch 500, anneal over 200,000 updates, fixed epochs."""
+        """Section 4.3 verbatim, every knob pinned (no default may drift into it): Mult-VAE
+        [I -> 600 -> 200 -> 600 -> I], tanh, input dropout 0.5, Adam 1e-3, batch 500, beta
+        annealed over 200,000 updates to a cap of 0.2, a fixed number of epochs, no early
+        stopping; Mult-DAE [I -> 200 -> I] with L2 weight 0.01."""
         fields: dict[str, Any] = {
             "model": model,
+            "likelihood": "multinomial",
+            "hidden_dims": (600,) if model == "multvae" else None,
+            "latent_dim": 200,
+            "dropout": 0.5,
+            "lr": 1e-3,
             "batch_size": 500,
             "epochs": epochs,
+            "anneal_cap": 0.2,
             "total_anneal_steps": 200_000,
             "patience": None,
             "min_updates": 0,
@@ -86,6 +104,7 @@ class TrainConfig:
 class Plan:
     """The concrete schedule a config resolves to on a given training set."""
 
+    model: ModelKind
     hidden_dims: tuple[int, ...]
     batch_size: int
     epochs: int
@@ -109,12 +128,17 @@ def plan(config: TrainConfig, n_train_users: int) -> Plan:
     """
     if n_train_users < 1:
         raise TrainingError("the split has no training users")
+    model: ModelKind = config.model if config.model != "auto" else (
+        "multvae" if n_train_users >= SMALL_DATA_USERS else "multdae"
+    )
     if config.batch_size is not None:
         batch = min(config.batch_size, n_train_users)
     else:
         # At most the paper's 500 users, split evenly so no epoch ends on a runt batch.
         batch = math.ceil(n_train_users / math.ceil(n_train_users / 500))
     per_epoch = math.ceil(n_train_users / batch)
+    if model == "recvae":
+        per_epoch *= config.encoder_epochs + 1  # encoder passes, then a decoder pass
     wanted = max(config.min_epochs, math.ceil(config.min_updates / per_epoch))
     epochs = config.epochs or max(1, min(config.max_epochs, wanted))
     # beta = step / total_anneal_steps reaches the cap at anneal_fraction of the planned updates
@@ -124,15 +148,17 @@ def plan(config: TrainConfig, n_train_users: int) -> Plan:
     decay = (
         config.weight_decay
         if config.weight_decay is not None
-        else (0.01 if config.model == "multdae" else 0.0)
+        else (0.01 if model == "multdae" else 0.0)
     )
     hidden = config.hidden_dims
-    if hidden is None:
-        hidden = (600,) if config.model == "multvae" and n_train_users >= 10_000 else ()
+    if hidden is None and model == "recvae":
+        hidden = RECVAE_HIDDEN
+    elif hidden is None:
+        hidden = (600,) if model == "multvae" and n_train_users >= SMALL_DATA_USERS else ()
     patience = config.patience
     if patience == "auto":
         patience = max(20, epochs // 8)
-    return Plan(tuple(hidden), batch, epochs, per_epoch, anneal, decay, patience)
+    return Plan(model, tuple(hidden), batch, epochs, per_epoch, anneal, decay, patience)
 
 
 @dataclass
@@ -191,6 +217,95 @@ def validation_ndcg(model: MultVAE, heldout: HeldOut) -> float:
     return float(ndcg_at_k(rank_rows(model, heldout.fold_in, 100), heldout.targets, 100).mean())
 
 
+def model_config_for(config: TrainConfig, sched: Plan, n_items: int) -> ModelConfig:
+    """The architecture a training config and plan resolve to for ``n_items`` items."""
+    if sched.model == "recvae":
+        if not sched.hidden_dims:
+            raise TrainingError("RecVAE needs at least one hidden layer (--hidden-dims 600)")
+        width = sched.hidden_dims[0]
+        return ModelConfig(
+            kind="recvae",
+            p_dims=(config.latent_dim, n_items),
+            q_dims=(n_items, *(width,) * len(sched.hidden_dims), config.latent_dim),
+            dropout=config.dropout,
+            likelihood=config.likelihood,
+        )
+    return ModelConfig(
+        kind=sched.model,
+        p_dims=(config.latent_dim, *sched.hidden_dims, n_items),
+        dropout=config.dropout,
+        likelihood=config.likelihood,
+    )
+
+
+class RecVAESteps:
+    """One RecVAE epoch (Shenbin et al., Algorithm 1): encoder passes, prior refresh, decoder.
+
+    The encoder (its own Adam) is trained on the ELBO with input dropout and a per-user KL
+    weight gamma * |x_u| against the composite prior, whose middle component is the encoder as
+    it was before this epoch; then one pass trains the decoder (its own Adam) on the
+    likelihood alone, with z sampled from the dropout-free encoder.
+    """
+
+    def __init__(self, model: MultVAE, config: TrainConfig, sched: Plan) -> None:
+        self.model, self.config = model, config
+        encoder = model.encoder_parameters()
+        ids = {id(p) for p in encoder}
+        decoder = [p for p in model.parameters() if id(p) not in ids]
+        # The same L2 scale as the other kinds' penalty: gradient 2 * weight_decay / batch * w.
+        decay = 2 * sched.weight_decay / sched.batch_size
+        self.encoder_opt = torch.optim.Adam(encoder, lr=config.lr, weight_decay=decay)
+        self.decoder_opt = torch.optim.Adam(decoder, lr=config.lr, weight_decay=decay)
+        self.old_encoder = self._frozen_copy()
+
+    def _frozen_copy(self) -> MultVAE:
+        old = copy.deepcopy(self.model).eval()
+        old.requires_grad_(False)
+        return old
+
+    def _step(self, optimiser: torch.optim.Optimizer, loss: Tensor, epoch: int) -> float:
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} at epoch {epoch} (lr {self.config.lr}, gamma "
+                f"{self.config.gamma}); nothing was written. Lower --lr or --gamma"
+            )
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        return float(loss.item())
+
+    def epoch(
+        self, train: sp.csr_matrix, batch: int, rng: np.random.Generator,
+        device: torch.device, epoch: int,
+    ) -> tuple[float, int]:
+        """Run one epoch; returns (loss summed over the encoder pass users, users seen)."""
+        model, total, seen = self.model, 0.0, 0
+        model.train()
+        for _ in range(self.config.encoder_epochs):
+            for rows in _batches(train, batch, rng):
+                x = SparseRows.from_csr(train[rows], device)
+                mu, logvar = model.encode(x)
+                assert logvar is not None
+                z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+                with torch.no_grad():
+                    old_mu, old_logvar = self.old_encoder.encode(x)
+                assert old_logvar is not None
+                kl = model.composite_prior_kl(z, mu, logvar, old_mu, old_logvar)
+                nll = -model.log_likelihood_rows(model.decode(z), x)
+                loss = (nll + self.config.gamma * x.row_sums() * kl).mean()
+                total += self._step(self.encoder_opt, loss, epoch) * len(rows)
+                seen += len(rows)
+        self.old_encoder = self._frozen_copy()
+        for rows in _batches(train, batch, rng):
+            x = SparseRows.from_csr(train[rows], device)
+            with torch.no_grad():
+                mu, logvar = model.encode_with_dropout(x, 0.0)
+                assert logvar is not None
+                z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+            self._step(self.decoder_opt, model.neg_log_likelihood(model.decode(z), x), epoch)
+        return total, seen
+
+
 def _run(
     split: Split,
     config: TrainConfig,
@@ -203,14 +318,9 @@ def _run(
 ) -> TrainResult:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model_config = ModelConfig(
-        kind=config.model,
-        p_dims=(config.latent_dim, *sched.hidden_dims, split.n_items),
-        dropout=config.dropout,
-        likelihood=config.likelihood,
-    )
-    model = MultVAE(model_config).to(device)
+    model = MultVAE(model_config_for(config, sched, split.n_items)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    recvae = RecVAESteps(model, config, sched) if sched.model == "recvae" else None
     lam = sched.weight_decay / sched.batch_size  # the reference's L2 scale for the DAE
     train = sp.csr_matrix(split.train, dtype=np.float32)
     updates, best, best_epoch, best_beta = 0, -1.0, 0, 0.0
@@ -224,28 +334,32 @@ def _run(
         model.train()
         tic = time.perf_counter()
         total, n_seen, beta = 0.0, 0, 0.0
-        for rows in _batches(train, sched.batch_size, rng):
-            x = SparseRows.from_csr(train[rows], device)
-            if config.model == "multvae":
-                beta = schedule(updates)
-            logits, mu, logvar = model(x)
-            loss = model.neg_log_likelihood(logits, x)
-            if logvar is not None:
-                loss = loss + beta * model.kl_divergence(mu, logvar)
-            if lam > 0:
-                loss = loss + 2 * lam * 0.5 * model.l2_penalty()  # 2 * tf l2_regularizer(lam)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at epoch {epoch}, update {updates + 1} "
-                    f"(beta {beta:.4f}, lr {config.lr}); nothing was written. Lower --lr or "
-                    "check the input for extreme values"
-                )
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            updates += 1
-            total += loss.item() * len(rows)
-            n_seen += len(rows)
+        if recvae is not None:
+            total, n_seen = recvae.epoch(train, sched.batch_size, rng, device, epoch)
+            updates += sched.batches_per_epoch
+        else:
+            for rows in _batches(train, sched.batch_size, rng):
+                x = SparseRows.from_csr(train[rows], device)
+                if sched.model == "multvae":
+                    beta = schedule(updates)
+                logits, mu, logvar = model(x)
+                loss = model.neg_log_likelihood(logits, x)
+                if logvar is not None:
+                    loss = loss + beta * model.kl_divergence(mu, logvar)
+                if lam > 0:
+                    loss = loss + 2 * lam * 0.5 * model.l2_penalty()  # 2 * tf l2_regularizer(lam)
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {epoch}, update {updates + 1} "
+                        f"(beta {beta:.4f}, lr {config.lr}); nothing was written. Lower --lr or "
+                        "check the input for extreme values"
+                    )
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                updates += 1
+                total += loss.item() * len(rows)
+                n_seen += len(rows)
         seconds = time.perf_counter() - tic
         ndcg = validation_ndcg(model, split.validation)
         record = EpochRecord(

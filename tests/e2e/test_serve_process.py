@@ -109,7 +109,8 @@ KEY = {"X-API-Key": "e2e-key"}
 
 
 def _requests_by_route_and_status(http: httpx.Client) -> dict[tuple[str, str], float]:
-    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    text = http.get("/metrics", headers=KEY).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
     return {
         (s.labels["route"], s.labels["status"]): s.value
         for s in families["multvae_http_requests"].samples
@@ -140,7 +141,8 @@ def test_multvae_serve_answers_over_http(served: Server, model_dir: Path) -> Non
     batch = http.post("/recommend/batch", json={"requests": [{"items": []}]}, headers=KEY)
     assert batch.json()["results"][0]["fallback"] == "popularity"
 
-    families = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+    text = http.get("/metrics", headers=KEY).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
     requests = _requests_by_route_and_status(http)
     assert requests[("/recommend", "200")] == 1
     assert requests[("/recommend", "401")] == 1

@@ -111,3 +111,10 @@ def test_no_import_cycles_in_the_project() -> None:
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_the_cli_offers_every_model_kind_the_model_knows() -> None:
+    from multvae.model import MODEL_KINDS
+    from training.catalog import MODEL_KINDS as CLI_KINDS
+
+    assert CLI_KINDS == MODEL_KINDS

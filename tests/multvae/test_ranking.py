@@ -77,3 +77,91 @@ def test_summary_mean_and_standard_error() -> None:
     s = summarise({"m": np.array([0.0, 1.0, 0.5, 0.5])})["m"]
     assert s["mean"] == pytest.approx(0.5)
     assert s["se"] == pytest.approx(np.std([0, 1, 0.5, 0.5], ddof=1) / 2)
+
+
+def test_precision_mrr_and_coverage_by_hand() -> None:
+    from multvae.ranking import coverage_at_k, precision_at_k, reciprocal_rank
+
+    topk = np.array([[3, 0, 1], [0, 1, 2], [4, 5, 6]])
+    targets = _targets([[0, 1], [2], [9]])
+    np.testing.assert_allclose(precision_at_k(topk, targets, 3), [2 / 3, 1 / 3, 0.0])
+    np.testing.assert_allclose(precision_at_k(topk, targets, 1), [0.0, 0.0, 0.0])
+    np.testing.assert_allclose(reciprocal_rank(topk, targets), [1 / 2, 1 / 3, 0.0])
+    fold_in = _targets([[8], [7], [6]])  # user 2's item 6 was its own click: not "shown"
+    assert coverage_at_k(topk, fold_in, 1) == pytest.approx(3 / 10)  # items 3, 0, 4
+    assert coverage_at_k(topk, fold_in, 3) == pytest.approx(6 / 10)  # 0-5
+
+
+def test_parse_cutoffs() -> None:
+    from multvae.ranking import parse_cutoffs, ranking_depth
+
+    assert parse_cutoffs("50,10, 20,10") == (10, 20, 50)
+    for bad in ("", "10,x", "0,5", "-3", "2.5"):
+        with pytest.raises(ValueError, match="comma-separated whole numbers >= 1"):
+            parse_cutoffs(bad)
+    assert ranking_depth(()) == 100
+    assert ranking_depth((10, 500)) == 500
+
+
+def _brute_force(
+    scores: np.ndarray, fold_in: sp.csr_matrix, targets: sp.csr_matrix, k: int
+) -> dict[str, float]:
+    """Each metric from its definition, one user at a time over the full ranking."""
+    recall, ndcg, precision, mrr, shown = [], [], [], [], set()
+    for u in range(scores.shape[0]):
+        own = set(fold_in[u].indices.tolist())
+        relevant = set(targets[u].indices.tolist())
+        ranked = [i for i in np.argsort(-scores[u], kind="stable") if i not in own]
+        top = ranked[:k]
+        shown |= set(top)
+        hits = [i in relevant for i in top]
+        recall.append(sum(hits) / min(k, len(relevant)))
+        precision.append(sum(hits) / k)
+        dcg = sum(1 / np.log2(r + 2) for r, h in enumerate(hits) if h)
+        ideal = sum(1 / np.log2(r + 2) for r in range(min(k, len(relevant))))
+        ndcg.append(dcg / ideal)
+        first = next((r for r, i in enumerate(ranked) if i in relevant), None)
+        mrr.append(0.0 if first is None or first >= k else 1 / (first + 1))  # MRR@k
+    return {"recall": float(np.mean(recall)), "ndcg": float(np.mean(ndcg)),
+            "precision": float(np.mean(precision)), "mrr": float(np.mean(mrr)),
+            "coverage": len(shown) / scores.shape[1]}
+
+
+@pytest.mark.parametrize("n_items", [40, 300])
+def test_metrics_at_any_cutoff_match_brute_force(n_items: int) -> None:
+    """Random scores, fold-in and targets: the vectorised metrics at new cut-offs (and with a
+    catalogue smaller than the ranking depth) equal the definitions computed per user."""
+    from training.dataset import HeldOut
+    from training.evaluate import evaluate_topk
+
+    rng = np.random.default_rng(n_items)
+    n_users = 25
+    scores = rng.normal(size=(n_users, n_items))
+    fold_in_rows, target_rows = [], []
+    for _ in range(n_users):
+        items = rng.permutation(n_items)[: rng.integers(3, 15)]
+        cut = rng.integers(1, len(items))
+        fold_in_rows.append(sorted(items[:cut].tolist()))
+        target_rows.append(sorted(items[cut:].tolist()))
+    fold_in, targets = _targets(fold_in_rows, n_items), _targets(target_rows, n_items)
+    cutoffs = (1, 5, 10, 37, 150)
+    held = HeldOut(fold_in, targets, np.arange(n_users))
+    masked = [fold_in[u].indices.astype(np.int64) for u in range(n_users)]
+    topk, _ = mask_and_topk(torch.from_numpy(scores.copy()), masked, 150)
+    ev = evaluate_topk(topk, held, cutoffs)
+    summary = ev.summary()
+    assert ev.cutoffs == cutoffs
+    for k in cutoffs:
+        expected = _brute_force(scores, fold_in, targets, k)
+        for name in ("recall", "ndcg", "precision"):
+            assert summary[f"{name}@{k}"]["mean"] == pytest.approx(expected[name]), (name, k)
+        assert ev.coverage[k] == pytest.approx(expected["coverage"]), k
+    depth = min(150, n_items)
+    assert ev.mrr_metric == f"mrr@{depth}"
+    expected_mrr = _brute_force(scores, fold_in, targets, depth)["mrr"]
+    assert summary[f"mrr@{depth}"]["mean"] == pytest.approx(expected_mrr)
+    # The paper's three are always there, unchanged by extra cut-offs.
+    paper = evaluate_topk(topk, held).summary()
+    assert set(paper) == {"recall@20", "recall@50", "ndcg@100"}
+    for metric, stats in paper.items():
+        assert summary[metric] == stats

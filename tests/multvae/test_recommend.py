@@ -164,3 +164,15 @@ def test_similar_known_answer_and_restrictions() -> None:
 def test_similar_refuses_an_unknown_item() -> None:
     with pytest.raises(UnknownItemError, match="'nope' is not one of the 50 items of model"):
         _recommender().similar("nope", 5)
+
+
+def test_a_model_with_non_finite_weights_fails_the_finite_check() -> None:
+    from multvae.errors import VerificationError
+
+    model = MultVAE(ModelConfig(p_dims=(4, 8, 20))).eval()
+    items = ItemIndex.build([f"i{c}" for c in range(20)], np.arange(20))
+    Recommender(model, items).check_finite()  # a healthy model passes
+    with torch.no_grad():
+        model.decoder[-1].weight[3, 0] = float("nan")
+    with pytest.raises(VerificationError, match="NaN or infinite"):
+        Recommender(model, items).check_finite()

@@ -119,7 +119,6 @@ def make_settings(model_dir: Path, **overrides: Any) -> Settings:
         "device": TEST_DEVICE,
         "reload_interval_s": 0,
         "batch_wait_ms": 2,
-        "warmup": True,
         # gc.freeze() and torch's thread count are process-wide: leave the test session's be.
         "gc_freeze": False,
         "torch_threads": torch.get_num_threads(),
@@ -151,14 +150,24 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             pytest.skip("redis-server is not installed (CI installs it: apt-get install redis)")
+        self.exe = exe
         self.port = free_port()
+        self.start()
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) and return once it answers PING."""
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-             "no", "--loglevel", "warning"],
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
         self._wait_for_ping()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed or OOM-killed Redis: every client connection dies with it."""
+        self.proc.kill()
+        self.proc.wait()
 
     @property
     def url(self) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from service_support import IDS, Trained, make_settings
 
 from service import routes
@@ -57,9 +58,63 @@ def test_the_key_is_checked_before_the_body(keyed: TestClient) -> None:
     assert keyed.post("/recommend", content=b"{", headers={}).status_code == 401
 
 
-def test_probes_and_metrics_stay_open(keyed: TestClient) -> None:
-    for path in ("/healthz", "/readyz", "/metrics", "/model"):
+def test_probes_stay_open_and_metrics_need_the_key(keyed: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/model"):
         assert keyed.get(path).status_code == 200, path
+    assert keyed.head("/healthz").status_code == 200
+    refused = keyed.get("/metrics")
+    assert refused.status_code == 401
+    assert "multvae_" not in refused.text
+    scraped = keyed.get("/metrics", headers={"Authorization": f"Bearer {SECRET}"})
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain")
+    assert "multvae_http_requests_total" in scraped.text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-API-Key": f" {SECRET} "},
+        {"X-API-Key": f"{SECRET}\t"},
+        {"Authorization": f"Bearer  {SECRET} "},
+        {"X-API-Key": "", "Authorization": f"Bearer {SECRET}"},
+        {"X-API-Key": "   ", "Authorization": f"Bearer {SECRET}"},
+    ],
+    ids=["spaces", "tab", "bearer spaces", "empty header, bearer", "blank header, bearer"],
+)
+def test_keys_are_trimmed_and_an_empty_header_does_not_hide_the_bearer(
+    keyed: TestClient, headers: dict[str, str]
+) -> None:
+    assert keyed.post("/recommend", json=BODY, headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize("blank", [" ", "\t  \n"])
+def test_a_blank_configured_key_is_an_error_not_auth_off(trained: Trained, blank: str) -> None:
+    with pytest.raises(ValidationError, match="empty or blank"):
+        make_settings(trained.model_dir, api_key=blank)
+
+
+def test_a_configured_key_is_trimmed(trained: Trained) -> None:
+    settings = make_settings(trained.model_dir, api_key=f" {SECRET}\n")
+    assert settings.api_key is not None
+    assert settings.api_key.get_secret_value() == SECRET
+
+
+@pytest.mark.parametrize("key", [SECRET, None])
+def test_start_up_says_whether_auth_is_on(
+    trained: Trained, key: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO), TestClient(
+        create_app(make_settings(trained.model_dir, api_key=key))
+    ):
+        pass
+    ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready:")]
+    assert len(ready) == 1
+    if key is None:
+        assert "authentication OFF" in ready[0]
+    else:
+        assert "API key required" in ready[0]
+    assert SECRET not in ready[0]
 
 
 def test_without_a_configured_key_recommend_is_open(client: TestClient) -> None:

@@ -12,7 +12,10 @@ from fastapi.testclient import TestClient
 from service_support import IDS, RedisServer, Trained, free_port, make_settings, metric_value
 
 from multvae.artifacts import write_version
+from multvae.recommend import Query
 from service.app import create_app
+from service.cache import cache_key
+from service.pipeline import LAYOUT
 
 KEY = {"X-API-Key": "s3cret"}
 
@@ -64,6 +67,19 @@ def test_batch_mixes_hits_and_misses(cached_client: TestClient) -> None:
     assert [r["cached"] for r in response.json()["results"]] == [True, False]
 
 
+def test_an_entry_in_another_layout_is_a_miss_and_replaced(cached_client: TestClient) -> None:
+    body = {"items": [IDS[50], IDS[51]], "n": 5}
+    first = _post(cached_client, body)
+    pipeline = cached_client.app.state.pipeline  # type: ignore[attr-defined]
+    prefix = f"{pipeline.settings.cache_prefix}:{LAYOUT}"
+    key = cache_key(prefix, first["model_version"], Query([IDS[50], IDS[51]], 5))
+    assert cached_client.portal is not None
+    cached_client.portal.call(pipeline.near.close)  # drop this process's copy
+    cached_client.portal.call(pipeline.cache.set_many, [(key, b'{"not": "a body"}')], 60.0)
+    assert _post(cached_client, body) == first  # recomputed, not the foreign value
+    assert _post(cached_client, body) == {**first, "cached": True}
+
+
 def test_a_new_model_version_misses(cached_client: TestClient, trained: Trained) -> None:
     body = {"items": [IDS[60], IDS[61]], "n": 5}
     old = _post(cached_client, body)
@@ -88,9 +104,11 @@ def test_stopping_redis_mid_test_still_answers(
         assert client.post("/recommend", json=body).json()["cached"] is True
         private_redis.stop()
         for i in range(10):
-            response = client.post("/recommend", json={**body, "n": 5 + i})
+            response = client.post("/recommend", json={**body, "n": 6 + i})
             assert response.status_code == 200
             assert response.json()["cached"] is False
+        # The process's own copy of the entry it wrote needs no Redis.
+        assert client.post("/recommend", json=body).json()["cached"] is True
         assert client.get("/readyz").status_code == 200
         errors = metric_value(client, "multvae_cache_errors_total", {"operation": "get"})
         bypassed = metric_value(client, "multvae_cache_bypassed_total")
@@ -100,13 +118,30 @@ def test_stopping_redis_mid_test_still_answers(
     assert any("bypassing it" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("near", [10, 0])
+def test_replicas_keep_near_copies_of_shared_entries(
+    private_redis: RedisServer, trained: Trained, near: int
+) -> None:
+    settings = make_settings(
+        trained.model_dir, redis_url=private_redis.url, redis_breaker_s=600,
+        near_cache_entries=near,
+    )  # fmt: skip
+    body = {"items": [IDS[20], IDS[21]], "n": 5}
+    with TestClient(create_app(settings)) as a, TestClient(create_app(settings)) as b:
+        assert a.post("/recommend", json=body).json()["cached"] is False
+        assert b.post("/recommend", json=body).json()["cached"] is True  # a's entry, via Redis
+        private_redis.stop()
+        assert b.post("/recommend", json=body).json()["cached"] is bool(near)
+        assert metric_value(b, "multvae_cache_hits_total") == 1 + bool(near)
+
+
 def test_redis_down_at_startup_is_not_fatal(trained: Trained) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     settings = make_settings(trained.model_dir, redis_url=dead, redis_breaker_s=0)
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
-        for _ in range(3):
-            assert client.post("/recommend", json={"items": [IDS[0]]}).status_code == 200
+        for i in range(3):
+            assert client.post("/recommend", json={"items": [IDS[i]]}).status_code == 200
         # No breaker: every get and every set tried and failed.
         assert metric_value(client, "multvae_cache_errors_total", {"operation": "get"}) == 3
         assert metric_value(client, "multvae_cache_errors_total", {"operation": "set"}) == 3

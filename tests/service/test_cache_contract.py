@@ -6,13 +6,21 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 from service_support import RedisServer, free_port
 
 from multvae.recommend import Query
-from service.cache import Cache, CacheError, GuardedCache, MemoryCache, RedisCache, cache_key
+from service.cache import (
+    Cache,
+    CacheError,
+    CacheUnavailableError,
+    GuardedCache,
+    MemoryCache,
+    RedisCache,
+    cache_key,
+)
 from service.metrics import Metrics
 
 pytestmark = pytest.mark.anyio
@@ -38,68 +46,78 @@ def _key() -> str:
 
 async def test_a_missing_key_is_none(make_cache: Callable[[], Cache]) -> None:
     cache = make_cache()
-    assert await cache.get(_key()) is None
+    assert (await cache.get_many([_key()]))[0] is None
     await cache.close()
 
 
 async def test_values_round_trip_byte_for_byte(make_cache: Callable[[], Cache]) -> None:
     cache = make_cache()
     key, value = _key(), b'{"items": []}\x00\xff\xfe binary'
-    await cache.set(key, value, ttl_s=60)
-    assert await cache.get(key) == value
+    await cache.set_many([(key, value)], 60)
+    assert (await cache.get_many([key]))[0] == value
     await cache.close()
 
 
 async def test_set_replaces_and_keys_are_independent(make_cache: Callable[[], Cache]) -> None:
     cache = make_cache()
     a, b = _key(), _key()
-    await cache.set(a, b"one", ttl_s=60)
-    await cache.set(b, b"other", ttl_s=60)
-    await cache.set(a, b"two", ttl_s=60)
-    assert await cache.get(a) == b"two"
-    assert await cache.get(b) == b"other"
+    await cache.set_many([(a, b"one")], 60)
+    await cache.set_many([(b, b"other")], 60)
+    await cache.set_many([(a, b"two")], 60)
+    assert (await cache.get_many([a]))[0] == b"two"
+    assert (await cache.get_many([b]))[0] == b"other"
     await cache.close()
 
 
 async def test_entries_expire_after_their_ttl(make_cache: Callable[[], Cache]) -> None:
     cache = make_cache()
     short, long = _key(), _key()
-    await cache.set(short, b"x", ttl_s=0.2)
-    await cache.set(long, b"y", ttl_s=60)
+    await cache.set_many([(short, b"x")], 0.2)
+    await cache.set_many([(long, b"y")], 60)
     await asyncio.sleep(0.5)
-    assert await cache.get(short) is None
-    assert await cache.get(long) == b"y"
+    assert (await cache.get_many([short]))[0] is None
+    assert (await cache.get_many([long]))[0] == b"y"
+    await cache.close()
+
+
+async def test_many_keys_in_one_call(make_cache: Callable[[], Cache]) -> None:
+    cache = make_cache()
+    a, b, c = _key(), _key(), _key()
+    await cache.set_many([(a, b"1"), (b, b"2")], ttl_s=60)
+    assert await cache.get_many([b, c, a]) == [b"2", None, b"1"]
+    assert await cache.get_many([]) == []
+    await cache.set_many([], ttl_s=60)
     await cache.close()
 
 
 async def test_memory_cache_evicts_the_least_recently_used() -> None:
     cache = MemoryCache(max_entries=2)
-    await cache.set("a", b"1", 60)
-    await cache.set("b", b"2", 60)
-    assert await cache.get("a") == b"1"  # a is now more recent than b
-    await cache.set("c", b"3", 60)
-    assert await cache.get("b") is None
-    assert await cache.get("a") == b"1"
+    await cache.set_many([("a", b"1")], 60)
+    await cache.set_many([("b", b"2")], 60)
+    assert (await cache.get_many(["a"]))[0] == b"1"  # a is now more recent than b
+    await cache.set_many([("c", b"3")], 60)
+    assert (await cache.get_many(["b"]))[0] is None
+    assert (await cache.get_many(["a"]))[0] == b"1"
     assert len(cache) == 2
 
 
 async def test_memory_cache_ttl_with_a_fake_clock() -> None:
     now = [100.0]
     cache = MemoryCache(max_entries=10, clock=lambda: now[0])
-    await cache.set("k", b"v", ttl_s=5)
+    await cache.set_many([("k", b"v")], 5)
     now[0] = 104.9
-    assert await cache.get("k") == b"v"
+    assert (await cache.get_many(["k"]))[0] == b"v"
     now[0] = 105.0
-    assert await cache.get("k") is None
+    assert (await cache.get_many(["k"]))[0] is None
     assert len(cache) == 0
 
 
 async def test_redis_errors_are_cache_errors() -> None:
     cache = RedisCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)  # nobody listens
-    with pytest.raises(CacheError, match="redis GET failed"):
-        await cache.get("k")
+    with pytest.raises(CacheError, match="redis MGET failed"):
+        await cache.get_many(["k"])
     with pytest.raises(CacheError, match="redis SET failed"):
-        await cache.set("k", b"v", 1)
+        await cache.set_many([("k", b"v")], 1)
     await cache.close()
 
 
@@ -115,29 +133,30 @@ def silent_server() -> Iterator[int]:
 async def test_a_hung_redis_times_out(silent_server: int) -> None:
     cache = RedisCache(f"redis://127.0.0.1:{silent_server}/0", timeout_s=0.1)
     with pytest.raises(CacheError):
-        await cache.get("k")
+        await cache.get_many(["k"])
     await cache.close()
 
 
 class _Flaky:
     name = "flaky"
 
-    def __init__(self) -> None:
+    def __init__(self, error: CacheError | None = None) -> None:
         self.calls = 0
+        self.error = error or CacheUnavailableError("down")
         self.fail = True
         self.data: dict[str, bytes] = {}
 
-    async def get(self, key: str) -> bytes | None:
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         self.calls += 1
         if self.fail:
-            raise CacheError("down")
-        return self.data.get(key)
+            raise self.error
+        return [self.data.get(key) for key in keys]
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+    async def set_many(self, entries: Sequence[tuple[str, bytes]], ttl_s: float) -> None:
         self.calls += 1
         if self.fail:
-            raise CacheError("down")
-        self.data[key] = value
+            raise self.error
+        self.data.update(entries)
 
     async def close(self) -> None:
         pass
@@ -149,21 +168,58 @@ async def test_guard_counts_failures_and_opens_a_circuit() -> None:
     guard = GuardedCache(backend, metrics, breaker_s=5.0, clock=lambda: now[0])
     sample = metrics.registry.get_sample_value
 
-    assert await guard.get("k") is None  # the failure is a miss, not an exception
+    assert (await guard.get_many(["k"]))[0] is None  # the failure is a miss, not an exception
     assert sample("multvae_cache_errors_total", {"operation": "get"}) == 1
-    assert await guard.get("k") is None  # circuit open: the backend is not asked
-    await guard.set("k", b"v", 60)
+    assert (await guard.get_many(["k"]))[0] is None  # circuit open: the backend is not asked
+    await guard.set_many([("k", b"v")], 60)
     assert backend.calls == 1
     assert sample("multvae_cache_bypassed_total") == 2
 
     backend.fail = False
     now[0] = 5.1  # the breaker period is over: try the backend again
-    await guard.set("k", b"v", 60)
-    assert await guard.get("k") == b"v"
-    assert await guard.get("other") is None
+    await guard.set_many([("k", b"v")], 60)
+    assert (await guard.get_many(["k"]))[0] == b"v"
+    assert (await guard.get_many(["other"]))[0] is None
     assert sample("multvae_cache_hits_total") == 1
     assert sample("multvae_cache_misses_total") == 1
     assert sample("multvae_cache_errors_total", {"operation": "get"}) == 1
+
+
+async def test_only_connectivity_failures_open_the_circuit() -> None:
+    # An error Redis answered with (or a busy pool) is a miss, but Redis is not "down".
+    backend, metrics = _Flaky(CacheError("OOM command not allowed")), Metrics()
+    guard = GuardedCache(backend, metrics, breaker_s=5.0, clock=lambda: 0.0)
+    for _ in range(3):
+        assert (await guard.get_many(["k"]))[0] is None
+    assert backend.calls == 3
+    assert (
+        metrics.registry.get_sample_value("multvae_cache_errors_total", {"operation": "get"}) == 3
+    )
+    assert metrics.registry.get_sample_value("multvae_cache_bypassed_total") == 0
+
+
+async def test_an_open_circuit_lets_one_probe_through_at_a_time() -> None:
+    now = [0.0]
+    gate, started = asyncio.Event(), asyncio.Event()
+
+    class Slow(_Flaky):
+        async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+            self.calls += 1
+            started.set()
+            await gate.wait()
+            return [b"v" for _ in keys]
+
+    backend, metrics = Slow(), Metrics()
+    guard = GuardedCache(backend, metrics, breaker_s=1.0, clock=lambda: now[0])
+    await guard.set_many([("k", b"v")], 60)  # fails: the circuit opens until t = 1
+    now[0] = 1.0
+    probe = asyncio.create_task(guard.get_many(["k"]))
+    await started.wait()  # the probe is in the backend
+    assert [await guard.get_many(["k"]) for _ in range(3)] == [[None]] * 3  # skipped meanwhile
+    gate.set()
+    assert await probe == [b"v"]
+    assert (await guard.get_many(["k"]))[0] == b"v"  # closed: everyone uses the backend again
+    assert backend.calls == 3  # the failed set, the probe, the last get
 
 
 def _query(

@@ -7,10 +7,11 @@ import json
 import logging
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
-from service.logs import JsonFormatter, configure_logging
+from service.logs import JsonFormatter, configure_logging, timestamp
 
 FIELDS = {"method": "POST", "route": "/recommend", "status": 200, "request_id": "r1"}
 
@@ -73,3 +74,9 @@ def test_configuring_changes_no_process_wide_logging_flag(configured: io.StringI
         "multvae.access", logging.INFO, __file__, 1, "request", (), None
     )
     assert record.threadName is not None
+
+
+@pytest.mark.parametrize("created", [0.0, 1_700_000_000.5, 1_700_000_000.999, 1e9 + 0.0015])
+def test_timestamps_are_iso_8601_utc_to_the_millisecond(created: float) -> None:
+    expected = datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")
+    assert timestamp(created) == expected

@@ -130,3 +130,49 @@ def test_serve_help_says_which_options_read_a_variable(
         assert variable in help_text
     assert "MULTVAE_HOST" not in help_text
     assert "MULTVAE_PORT" not in help_text
+
+
+def _serve_fails(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(["serve", "--model-dir", str(model_dir), "--device", "cpu", "--port", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("multvae serve: error: ")
+    return err
+
+
+def test_serve_with_a_bad_current_or_weights_is_one_line_and_exit_1(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    current = (model_dir / "CURRENT").read_text().strip()
+    weights = model_dir / "versions" / current / "model.safetensors"
+    (model_dir / "CURRENT").write_text("no-such-version\n")
+    assert "does not exist" in _serve_fails(model_dir, capsys)
+    (model_dir / "CURRENT").write_text("../../etc\n")
+    assert "does not hold a model version name" in _serve_fails(model_dir, capsys)
+    (model_dir / "CURRENT").write_text(current + "\n")
+    weights.write_bytes(weights.read_bytes() + b"junk")
+    assert "fails verification" in _serve_fails(model_dir, capsys)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("foo://bar", "must start with redis://, rediss:// or unix://"),
+        ("redis://host:port/0", "numeric port"),
+        ("redis://:s3cret@host:6379/zero", "must be a number"),
+    ],
+)
+def test_serve_with_a_bad_redis_url_is_one_line_and_exit_1(
+    trained: Trained,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    url: str,
+    why: str,
+) -> None:
+    monkeypatch.setenv("MULTVAE_REDIS_URL", url)
+    err = _serve_fails(trained.model_dir, capsys)
+    assert "MULTVAE_REDIS_URL=" in err
+    assert why in err
+    assert "s3cret" not in err

@@ -71,26 +71,40 @@ def test_ease_two_items_by_hand() -> None:
     # X^T X = [[2, 1], [1, 2]]; + I -> [[3, 1], [1, 3]]; P = [[3, -1], [-1, 3]] / 8;
     # B_01 = -P_01 / P_11 = (1/8) / (3/8) = 1/3, and symmetrically B_10.
     x = csr([[0, 1], [0], [1]], 2)
-    np.testing.assert_allclose(ease_weights(ease_gram(x), 1.0), [[0.0, 1 / 3], [1 / 3, 0.0]])
+    np.testing.assert_allclose(ease_weights(x, 1.0), [[0.0, 1 / 3], [1 / 3, 0.0]], rtol=1e-6)
 
 
 def test_ease_matches_closed_form_on_random_matrix() -> None:
     rng = np.random.default_rng(3)
     x = sp.csr_matrix((rng.random((30, 7)) < 0.4).astype(np.float32))
-    gram = ease_gram(x)
-    before = gram.copy()
     lam = 5.0
     xd = x.toarray().astype(np.float64)
+    np.testing.assert_array_equal(ease_gram(x), xd.T @ xd)  # counts: exact in float32
     p = np.linalg.inv(xd.T @ xd + lam * np.eye(7))
     expected = np.eye(7) - p / np.diag(p)[None, :]  # B = I - P diag(1 / diag P)
-    np.testing.assert_allclose(ease_weights(gram, lam), expected, atol=1e-12)
-    np.testing.assert_array_equal(gram, before)  # the grid reuses the gram matrix
+    weights = ease_weights(x, lam)
+    assert weights.dtype == np.float32
+    assert weights.flags.c_contiguous  # scored row by row without a copy
+    np.testing.assert_allclose(weights, expected, atol=1e-6)
+
+
+def test_ease_gram_in_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of a few rows (and a last, shorter one) assemble the same X^T X."""
+    rng = np.random.default_rng(4)
+    x = sp.csr_matrix((rng.random((40, 11)) < 0.3).astype(np.float32))
+    monkeypatch.setattr(baselines, "GRAM_BLOCK", 4 * 11)
+    xd = x.toarray().astype(np.float64)
+    np.testing.assert_array_equal(ease_gram(x), xd.T @ xd)
 
 
 def test_ease_refuses_catalogues_that_do_not_fit() -> None:
-    with pytest.raises(DataError, match=r"320\.0 GB for 100,000 items"):
+    with pytest.raises(DataError, match=r"80\.0 GB for 100,000 items"):
         check_ease_memory(100_000, available=10**9)
-    check_ease_memory(1_000, available=10**9)  # 32 MB fits
+    check_ease_memory(1_000, available=10**9)  # 8 MB fits
+    # CiteULike-t's shape: the dual form needs two 4,175^2 float64 matrices, not 24,100^2
+    check_ease_memory(24_100, available=10**9, n_users=4_175)
+    with pytest.raises(DataError, match=r"4,175 x 4,175 matrices over its users"):
+        check_ease_memory(24_100, available=10**8, n_users=4_175)
 
 
 def test_run_baselines_refuses_ease_before_fitting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,7 +132,7 @@ def test_popularity_ranks_by_training_count_and_masks_fold_in() -> None:
 def test_ease_recommends_within_the_users_block() -> None:
     split = block_split()
     # A large L2 weight keeps every within-block weight positive (B ~ X^T X / lambda).
-    scorer = ease_scorer(ease_weights(ease_gram(split.train), 100.0))
+    scorer = ease_scorer(ease_weights(split.train, 100.0))
     top = rank_topk(scorer, split.test.fold_in, k=6)
     for row, ranked in enumerate(top):
         clicked = split.test.fold_in[row].indices
@@ -202,3 +216,21 @@ def test_parse_baseline_names() -> None:
     assert parse_baseline_names("popularity, EASE,ease") == ["popularity", "ease"]
     with pytest.raises(ValueError, match=r"'slim'.*popularity, ease, wmf"):
         parse_baseline_names("ease,slim")
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (40, 9)])
+def test_ease_dual_form_scores_like_the_primal(shape: tuple[int, int]) -> None:
+    """Fewer users than items: the U x U Woodbury form gives x B without forming B."""
+    rng = np.random.default_rng(5)
+    x = sp.csr_matrix((rng.random(shape) < 0.3).astype(np.float32))
+    block = sp.csr_matrix((rng.random((6, shape[1])) < 0.3).astype(np.float32))
+    lam = 3.0
+    xd = x.toarray().astype(np.float64)
+    p = np.linalg.inv(xd.T @ xd + lam * np.eye(shape[1]))
+    b = np.eye(shape[1]) - p / np.diag(p)[None, :]
+    np.testing.assert_allclose(
+        baselines.ease_dual_scorer(x, lam)(block), block.toarray() @ b, atol=1e-9
+    )
+    assert baselines.ease_is_dual(*shape) == (shape[0] < shape[1])
+    np.testing.assert_allclose(baselines.ease_fit(x, lam)(block), block.toarray() @ b,
+                               atol=1e-5)

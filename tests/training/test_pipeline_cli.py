@@ -159,30 +159,11 @@ def test_count_column_keeps_every_play_and_tiny_groups_do_not_break_metrics(
     path = tmp_path / "plays.csv"
     path.write_text("\n".join(rows) + "\n")
     models = tmp_path / "m"
-    code = main(
-        [
-            "train",
-            "--data",
-            str(path),
-            "--user-col",
-            "user",
-            "--item-col",
-            "song",
-            "--count-col",
-            "plays",
-            "--heldout-users",
-            "1",
-            "--epochs",
-            "2",
-            "--latent-dim",
-            "8",
-            "--out",
-            str(models),
-            "--quiet",
-            "--device",
-            "cpu",
-        ]
-    )
+    code = main([
+        "train", "--data", str(path), "--user-col", "user", "--item-col", "song",
+        "--count-col", "plays", "--heldout-users", "1", "--epochs", "2", "--latent-dim", "8",
+        "--out", str(models), "--quiet", "--device", "cpu",
+    ])
     assert code == 0
     capsys.readouterr()
     version = load_version(models)
@@ -221,3 +202,26 @@ def test_recommend_command_ranks_ids_like_the_core_recommender(
     assert out["model_version"] == version.version
     assert main(["recommend", str(models), "", "--device", "cpu"]) == 0  # cold start
     assert "popularity" in capsys.readouterr().err
+
+
+def test_preset_ml_20m_trains_the_papers_exact_configuration(tmp_path: Path) -> None:
+    data, models = tmp_path / "r.csv", tmp_path / "models"
+    assert main(["generate", "--shape", "small", "--out", str(data), "--seed", "2"]) == 0
+    args = ["train", "--data", str(data), "--out", str(models), "--preset", "ml-20m",
+            "--heldout-users", "100", "--epochs", "2", "--device", "cpu", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    config = load_version(models).config
+    n_items = config["n_items"]
+    assert config["model"] == {
+        "kind": "multvae", "p_dims": [200, 600, n_items], "q_dims": None, "dropout": 0.5,
+        "likelihood": "multinomial", "gaussian_c0": 1.0, "gaussian_c1": 10.0,
+    }  # fmt: skip
+    training = config["training"]
+    expected = {
+        "model": "multvae", "hidden_dims": [600], "latent_dim": 200, "dropout": 0.5,
+        "lr": 1e-3, "batch_size": 500, "epochs": 2, "anneal_cap": 0.2,
+        "total_anneal_steps": 200_000, "patience": None, "weight_decay": 0.0,
+    }  # fmt: skip
+    assert {k: training[k] for k in expected} == expected
+    assert config["preprocessing"] == {"min_rating": 3.5, "min_user_clicks": 5,
+                                       "min_item_users": 0}  # fmt: skip

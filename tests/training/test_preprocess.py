@@ -100,3 +100,18 @@ def test_first_occurrences_matches_hashing(grouped: str) -> None:
     expected = ~pd.Series(user.astype(np.int64) * 25 + item).duplicated().to_numpy()
     assert (first_occurrences(user, item) == expected).all()
     assert first_occurrences(user[:0], item[:0]).shape == (0,)
+
+
+def test_filmtrust_ratings_binarise_at_three_by_default(tmp_path: Any) -> None:
+    """FilmTrust's 0.5-4 scale: ratings >= 3 are clicks unless the flags say otherwise."""
+    from training.pipeline import DataSpec, prepare
+
+    assert default_preprocessing(True, "filmtrust") == Preprocessing(2.5, 5, 0)
+    lines = [f"{u} {i} {3.0 if i < 5 else 2.5}" for u in range(1, 41) for i in range(7)]
+    (tmp_path / "ratings_0.txt").write_text("\r\n".join(lines) + "\r\n")
+    data = prepare(DataSpec(path=str(tmp_path)))
+    assert data.preprocessing.min_rating == 2.5
+    assert data.filter_stats["rows_below_rating"] == 40 * 2  # the 2.5s
+    assert data.split.n_items == 5
+    keep_all = prepare(DataSpec(path=str(tmp_path), keep_all_ratings=True))
+    assert keep_all.filter_stats["rows_below_rating"] == 0

@@ -261,3 +261,77 @@ def test_generic_csv_keeps_ids_with_leading_zeros_apart(tmp_path: Path) -> None:
     inter = read_interactions(path, "csv")
     assert sorted(str(i) for i in inter.item_ids) == ["007", "7"]
     assert inter.user_ids.tolist() == [9, 10]  # canonical integers still sort numerically
+
+
+# ---- FilmTrust and CiteULike -----------------------------------------------------------------
+
+SHARED = Path(__file__).parents[2].parent / "shared" / "data"  # ../shared/data beside the repo
+
+
+def test_filmtrust_directory_concatenates_parts_in_number_order(tmp_path: Path) -> None:
+    # Parts 0 and 2 CRLF, 1 and 10 LF, as released; "10" sorts after "2" by number.
+    write(tmp_path / "ft" / "ratings_10.txt", "5 30 0.5\n")
+    write(tmp_path / "ft" / "ratings_2.txt", "3 10 4\r\n3 20 2.5\r\n")
+    write(tmp_path / "ft" / "ratings_1.txt", "1 20 3\n1 10 3.5\n")
+    write(tmp_path / "ft" / "ratings_0.txt", "2 10 1\r\n")
+    write(tmp_path / "ft" / "trust.txt", "1 2 1\r\n")
+    assert detect_format(tmp_path / "ft") == (tmp_path / "ft", "filmtrust")
+    inter = read_interactions(tmp_path / "ft")
+    assert inter.source == "filmtrust"
+    assert inter.user_ids.tolist() == [1, 2, 3, 5]
+    assert inter.user_ids[inter.user].tolist() == [2, 1, 1, 3, 3, 5]
+    assert inter.item_ids[inter.item].tolist() == [10, 20, 10, 10, 20, 30]
+    assert inter.value is not None
+    assert inter.value.tolist() == [1.0, 3.0, 3.5, 4.0, 2.5, 0.5]
+    one = read_interactions(tmp_path / "ft" / "ratings_2.txt", "filmtrust")  # a part alone
+    assert one.value is not None
+    assert one.value.tolist() == [4.0, 2.5]
+
+
+def test_filmtrust_errors_name_the_part_and_line(tmp_path: Path) -> None:
+    write(tmp_path / "ft" / "ratings_0.txt", "1 10 3\r\n")
+    write(tmp_path / "ft" / "ratings_1.txt", "1 11 3\n2 12 three\n")
+    with pytest.raises(MalformedLineError) as err:
+        read_interactions(tmp_path / "ft")
+    assert err.value.path.endswith("ratings_1.txt")
+    assert err.value.line == 2
+    assert "3 fields separated by ' '" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no ratings_<n>\.txt"):
+        read_interactions(tmp_path / "empty", "filmtrust")
+
+
+def test_citeulike_users_dat_line_number_is_the_user(tmp_path: Path) -> None:
+    path = write(tmp_path / "ct" / "users.dat", "2 7 3\n0\n3 3 9 7\r\n1 9\n")
+    assert detect_format(tmp_path / "ct") == (path, "citeulike")
+    inter = read_interactions(tmp_path / "ct", "citeulike-t")
+    assert inter.source == "citeulike"
+    assert inter.value is None  # implicit: every pair is a click
+    assert inter.user_ids.tolist() == [0, 2, 3]  # user 1 saved nothing
+    assert inter.user_ids[inter.user].tolist() == [0, 0, 2, 2, 2, 3]
+    assert inter.item_ids[inter.item].tolist() == [7, 3, 3, 9, 7, 9]
+
+
+@pytest.mark.parametrize("line", ["3 1 2", "2 1 x", "1 -4", "", "1.0 2"])
+def test_citeulike_bad_line_says_what_a_line_holds(tmp_path: Path, line: str) -> None:
+    path = write(tmp_path / "users.dat", f"1 5\n{line}\n1 6\n")
+    with pytest.raises(MalformedLineError) as err:
+        read_interactions(path)
+    assert err.value.line == 2
+    assert "item count n followed by n item ids" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("folder", "fmt", "rows", "users", "items"),
+    [("filmtrust", "filmtrust", 35_497, 1_508, 2_071),
+     ("citeulike-t", "citeulike", 134_860, 7_947, 25_584)],
+)
+def test_shared_filmtrust_and_citeulike_match_their_notes(
+    folder: str, fmt: str, rows: int, users: int, items: int
+) -> None:
+    path = SHARED / folder
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (the shared data folder sits beside the repository)")
+    inter = read_interactions(path)  # auto-detected from the directory
+    assert (inter.source, len(inter), len(inter.user_ids), len(inter.item_ids)) == (
+        fmt, rows, users, items)

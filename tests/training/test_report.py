@@ -231,3 +231,40 @@ def test_a_one_user_group_reports_its_undefined_standard_error(tmp_path: Path) -
     assert "0.5000 ± n/a" in format_evaluation("test", one)
     md, _ = write_report(tmp_path, one, {"popularity": one}, [], data_summary(STATS))
     assert "0.5000 ± n/a" in md.read_text()
+
+
+def test_evaluate_at_cutoffs_prints_reports_and_serialises_the_same_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multvae_cli import main
+
+    data, model_dir = tmp_path / "ratings.csv", tmp_path / "model"
+    write_block_csv(data)
+    argv = ["train", "--data", str(data), "--out", str(model_dir), "--heldout-users", "20",
+            "--model", "multvae"]  # fmt: skip
+    assert main([*argv, "--epochs", "3", "--quiet"]) == 0
+    capsys.readouterr()
+
+    argv = ["evaluate", str(model_dir), "--data", str(data), "--k", "10,5", "--report"]
+    assert main([*argv, "--baselines", "popularity"]) == 0
+    printed = capsys.readouterr().out
+    assert "Precision" in printed
+    assert "Coverage" in printed
+    assert "MRR@40" in printed  # 40 items: the ranking is the whole catalogue
+    text = next((model_dir / "reports").iterdir()).joinpath("report.md").read_text()
+    assert "| Mult-VAE | @5 |" in text
+    assert "| Popularity | @10 |" in text
+    rows = [line.split() for line in printed.splitlines() if line.startswith("  @")]
+    assert len(rows) == 2 * 2  # model and popularity at two cut-offs
+    for row in rows:  # "@5 0.1000 ± 0.0688 ... 0.7750": the report's row, digit for digit
+        assert " | ".join([row[0], *(" ".join(row[i:i + 3]) for i in (1, 4, 7)), row[10]]) in text
+
+    assert main(["evaluate", str(model_dir), "--k", "5,10", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["test"]
+    assert {"recall@5", "ndcg@10", "precision@5", "mrr@40", "ndcg@100"} <= set(out["metrics"])
+    assert set(out["coverage"]) == {"coverage@5", "coverage@10"}
+    assert 0.0 < out["coverage"]["coverage@5"] <= out["coverage"]["coverage@10"] <= 1.0
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(model_dir), "--k", "10,top"])
+    assert "comma-separated whole numbers >= 1, e.g. 10,20,50,100" in capsys.readouterr().err

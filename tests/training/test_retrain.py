@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from multvae.artifacts import VERSIONS, current_version, list_versions, load_version, write_version
+from multvae.artifacts import (
+    STALE_TMP_SECONDS,
+    VERSIONS,
+    current_version,
+    list_versions,
+    load_version,
+    write_version,
+)
 from multvae_cli import main
 from training.dataset import Interactions
 from training.pipeline import DataSpec, train_config_for
@@ -245,16 +253,25 @@ def test_gc_never_removes_current_even_when_newer_versions_exist(
     write(shuffled_labels(small_data()), noisy)
     spec = DataSpec(str(noisy))
 
+    # Stale temporaries of killed runs: a pointer and a report being written when killed.
+    stale = [model_dir / ".CURRENT.tmp-dead", model_dir / REPORTS / ".retrain-x.json.tmp-dead"]
+    old = time.time() - STALE_TMP_SECONDS - 60
+    for path in stale:
+        path.write_text("partial")
+        os.utime(path, (old, old))
+
     first = retrain(spec, config(spec, epochs=1), model_dir, keep=1, keep_refused=True)
     assert first.exit_code == EXIT_KEPT
     refused_1 = first.report["candidate"]
     # keep=1 keeps the newest (the refused candidate) *and* CURRENT, which is older.
     assert list_versions(model_dir) == [baseline.version, refused_1]
+    assert not any(path.exists() for path in stale)
 
     second = retrain(spec, config(spec, epochs=1), model_dir, keep=1, keep_refused=True)
     assert second.exit_code == EXIT_KEPT
-    assert second.report["removed_versions"] == [refused_1]
-    assert list_versions(model_dir) == [baseline.version, second.report["candidate"]]
+    # Written since the last promotion: kept for inspection until a later promotion.
+    assert second.report["removed_versions"] == []
+    assert list_versions(model_dir) == [baseline.version, refused_1, second.report["candidate"]]
     assert current_version(model_dir) == baseline.version
 
 

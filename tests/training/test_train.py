@@ -56,7 +56,9 @@ def test_same_seed_same_model_on_cpu(split: Split) -> None:
 
 
 def test_beta_follows_the_schedule_and_history_is_complete(split: Split) -> None:
-    config = TrainConfig(epochs=4, batch_size=300, total_anneal_steps=20, anneal_cap=0.2, **FAST)
+    config = TrainConfig(
+        model="multvae", epochs=4, batch_size=300, total_anneal_steps=20, anneal_cap=0.2, **FAST
+    )
     result = train(split, config)
     per_epoch = result.plan.batches_per_epoch
     assert [r.epoch for r in result.history] == [1, 2, 3, 4]
@@ -73,7 +75,9 @@ def test_dae_has_no_beta_and_uses_weight_decay(split: Split) -> None:
 
 
 def test_auto_anneal_cap_retrains_to_the_peak(split: Split) -> None:
-    config = TrainConfig(epochs=6, anneal_cap="auto", total_anneal_steps=30, **FAST)
+    config = TrainConfig(
+        model="multvae", epochs=6, anneal_cap="auto", total_anneal_steps=30, **FAST
+    )
     result = train(split, config)
     assert len(result.anneal_search) == 6
     peak = max(result.anneal_search, key=lambda r: r.val_ndcg_at_100)
@@ -95,14 +99,14 @@ def test_auto_single_freezes_beta_at_the_best_epoch_once_validation_drops() -> N
 
 
 def test_auto_single_trains_one_run(split: Split) -> None:
-    result = train(split, TrainConfig(epochs=3, anneal_cap="auto-single", **FAST))
+    result = train(split, TrainConfig(model="multvae", epochs=3, anneal_cap="auto-single", **FAST))
     assert len(result.history) == 3
     assert result.anneal_search == []
 
 
 def test_non_finite_loss_stops_with_a_clear_error(split: Split) -> None:
     with pytest.raises(TrainingError, match=r"loss became (nan|inf).*nothing was written"):
-        train(split, TrainConfig(epochs=2, lr=1e6, **FAST))
+        train(split, TrainConfig(model="multvae", epochs=2, lr=1e6, **FAST))
 
 
 def test_paper_plan_is_the_paper() -> None:
@@ -114,6 +118,7 @@ def test_paper_plan_is_the_paper() -> None:
 
 def test_adaptive_plan_on_small_data() -> None:
     p = plan(TrainConfig(), 738)  # ML-100K training users
+    assert p.model == "multdae"  # the default kind below 10,000 training users
     assert p.batch_size == 369
     assert p.batches_per_epoch == 2
     assert p.epochs == 1000
@@ -123,6 +128,7 @@ def test_adaptive_plan_on_small_data() -> None:
     assert p.hidden_dims == ()
     assert p.patience == 125
     big = plan(TrainConfig(), 116_677)
+    assert big.model == "multvae"
     assert big.hidden_dims == (600,)
     assert big.epochs == 100
     assert big.batch_size == 499
