@@ -32,7 +32,7 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 class Settings(BaseSettings):
-    """Every knob of the online service; the README's Serving section has the table."""
+    """Every knob of the online service; docs/serving.md has the table."""
 
     model_config = SettingsConfigDict(env_prefix="MULTVAE_", extra="ignore", frozen=True)
 
