@@ -7,6 +7,7 @@
      ├── DataError               input data cannot be read or used
      │    └── MalformedLineError one line of an input file is not what its format says
      ├── TrainingError           training cannot go on (NaN/inf loss, no validation users)
+     ├── UnknownItemError        an item id the model version was not trained on
      └── DeviceError             the requested device does not exist here
 
 Messages name the offending value and say what is accepted or how to fix it.
@@ -49,6 +50,10 @@ class MalformedLineError(DataError):
 
 class TrainingError(MultVAEError):
     """Training cannot continue."""
+
+
+class UnknownItemError(MultVAEError):
+    """An item id the model version does not know."""
 
 
 class DeviceError(MultVAEError):

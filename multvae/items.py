@@ -69,6 +69,11 @@ class ItemIndex:
                 cols.append(col)
         return np.asarray(cols, dtype=np.int64), unknown
 
+    def title(self, item: str) -> str | None:
+        """The item's title, None when the index has no titles or does not know the item."""
+        column = self.column(item)
+        return None if self.titles is None or column is None else self.titles[column]
+
     def unknown(self, items: Iterable[str]) -> list[str]:
         """The ids in ``items`` that are not in the index, in input order."""
         lookup: dict[str, int] = self._lookup  # type: ignore[attr-defined]

@@ -4,7 +4,8 @@
 ranks held-out fold-in rows with it (``multvae evaluate``, per-epoch validation) and
 :class:`Recommender` speaks item ids (the service, ``multvae recommend``). Both rank through
 :func:`multvae.ranking.mask_and_topk`, so a service response equals what the offline
-evaluation computes for the same history.
+evaluation computes for the same history. :meth:`Recommender.similar` ranks items by the
+cosine between their vectors in the decoder's output layer (``/similar``, ``multvae similar``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from multvae.errors import VerificationError
+from multvae.errors import UnknownItemError, VerificationError
 from multvae.items import ItemIndex
 from multvae.model import MultVAE, SparseRows
 from multvae.ranking import mask_and_topk, topk_rows
@@ -90,6 +91,9 @@ class Recommender:
         self.version = version
         self.device = model.input_weight.device
         self._popularity_order = items.popularity_ranking()
+        with torch.no_grad():
+            # Row c of the output layer's weight is item c's vector: logit_c = w_c . h + b_c.
+            self._item_norms = self.model.output_layer.weight.norm(dim=1).clamp_min(1e-12)
 
     @property
     def n_items(self) -> int:
@@ -162,6 +166,39 @@ class Recommender:
             )
             for b, (cols, scores) in enumerate(columns)
         ]
+
+    @torch.no_grad()
+    def similar(
+        self,
+        item: str,
+        n: int,
+        exclude: Sequence[str] = (),
+        candidates: Sequence[str] | None = None,
+    ) -> Recommendation:
+        """The ``n`` items most similar to ``item``: cosine of the decoder's item vectors.
+
+        Item c's vector is row c of the output layer's weight (logit_c = w_c . h + b_c): items
+        whose logits respond alike to every user state are alike. The bias (popularity) is
+        left out, so a popular item is not similar to everything. ``item`` and ``exclude``
+        are never returned; ``candidates`` limits what may be ranked. Raises
+        :class:`UnknownItemError` for an id the version does not know.
+        """
+        column = self.items.column(item)
+        if column is None:
+            where = f" of model version {self.version}" if self.version else ""
+            raise UnknownItemError(
+                f"item id {item!r} is not one of the {self.n_items} items{where}; "
+                "ask for an item the model was trained on"
+            )
+        weight = self.model.output_layer.weight
+        scores = (weight @ weight[column]) / (self._item_norms * self._item_norms[column])
+        lookup = self.items.columns
+        masked = np.concatenate([[column], lookup(exclude)[0]]).astype(np.int64)
+        allowed = None if candidates is None else lookup(candidates)[0]
+        cols, values = mask_and_topk(scores[None, :], [masked], n, [allowed])
+        keep = np.isfinite(values[0])
+        ranked = zip(cols[0][keep].tolist(), values[0][keep].tolist(), strict=True)
+        return Recommendation([(self.items.ids[c], s) for c, s in ranked])
 
     def _popular(
         self, n: int, exclude: NDArray[np.int64], allowed: NDArray[np.int64] | None

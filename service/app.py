@@ -190,7 +190,11 @@ def install_handlers(app: FastAPI) -> None:
             request.headers.get("content-type", "")
         ):
             got = request.headers.get("content-type", "")[:80] or "none"
-            failure = UnsupportedMediaError(f"Content-Type must be application/json, got {got!r}")
+            failure = UnsupportedMediaError(
+                f"Content-Type must be application/json, got {got!r}: send the header "
+                "'Content-Type: application/json' (curl: -H 'Content-Type: application/json', "
+                "or --json instead of -d)"
+            )
         elif any(e["type"] == "missing" and tuple(e["loc"]) == ("body",) for e in errors):
             failure = MalformedJSONError("the body is empty; send a JSON object")
         else:

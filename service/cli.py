@@ -25,7 +25,7 @@ def register(subparsers: Any) -> None:
         description=(
             "Serve POST /recommend from the model version CURRENT names in --model-dir. "
             "Every option except --host and --port also reads its MULTVAE_* environment "
-            "variable (see the README's Serving section); options given here win."
+            "variable (the table is in docs/serving.md); options given here win."
         ),
     )
     parser.add_argument("--model-dir", type=Path, help="model directory (MULTVAE_MODEL_DIR)")

@@ -142,6 +142,8 @@ def describe(error: dict[str, Any], accepted_fields: Sequence[str]) -> FieldErro
         message = f"must be >= {error.get('ctx', {}).get('ge')}, got {shown(value)}"
     elif kind in ("bool_type", "bool_parsing"):
         message = f"expected true or false, got {shown(value)}"
+    elif kind == "literal_error":
+        message = f"expected one of {error.get('ctx', {}).get('expected', '?')}, got {shown(value)}"
     elif kind == "item_id_type":
         message = str(error.get("msg", "invalid item id"))
     else:

@@ -7,10 +7,11 @@ module knows nothing of HTTP: the routes turn an :class:`Answer` into a response
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from multvae.recommend import Query, Recommendation
+from multvae.recommend import Query, Recommendation, Recommender
 from service.batching import MicroBatcher
 from service.cache import GuardedCache, MemoryCache, cache_key
 from service.errors import NotReadyError
@@ -28,8 +29,9 @@ class UnknownItemsError(Exception):
         self.unknown = unknown  # per query, in order; empty where all ids are known
 
 
-# The caller's wire form of one recommendation (for the routes, the JSON response body).
-Encoder = Callable[[str, Recommendation], bytes]
+# The caller's wire form of one recommendation (for the routes, the JSON response body); the
+# recommender is the answering version's (its name, its titles).
+Encoder = Callable[[Recommender, Recommendation], bytes]
 
 # What the cache holds for a query: the fallback kind (empty for none), a newline, then the
 # encoded recommendation, so a hit is answered without decoding and re-encoding anything.
@@ -69,10 +71,16 @@ class Pipeline:
         return served
 
     async def recommend(
-        self, queries: Sequence[Query], strict: bool, encode: Encoder, client: str = ""
+        self,
+        queries: Sequence[Query],
+        strict: bool,
+        encode: Sequence[Encoder],
+        client: str = "",
+        variants: Sequence[str] | None = None,
     ) -> Answer:
-        """``queries`` answered as ``encode`` makes them; cache misses share one forward pass,
-        in which ``client`` (who asks) may hold only its fair share of the queue."""
+        """``queries[i]`` answered as ``encode[i]`` makes it; cache misses share one forward
+        pass, in which ``client`` (who asks) may hold only its fair share of the queue.
+        ``variants[i]`` names query i's encoding (e.g. ``"title"``) in its cache key."""
         recommender = self.served().recommender
         version = recommender.version
         unknown = [recommender.unknown(q.items) for q in queries]
@@ -82,13 +90,20 @@ class Pipeline:
             if strict:
                 raise UnknownItemsError(version, unknown)
         prefix = f"{self.settings.cache_prefix}:{LAYOUT}"
-        keys = [cache_key(prefix, version, q) for q in queries]
+        variants = variants or [""] * len(queries)
+        keys = [
+            cache_key(f"{prefix}:{variant}" if variant else prefix, version, q)
+            for q, variant in zip(queries, variants, strict=True)
+        ]
         values = await self._get_many(keys)
         # A value without the layout's newline is no entry of ours: a miss, and overwritten.
         misses = [i for i, value in enumerate(values) if value is None or b"\n" not in value]
         if misses:
             fresh = await self.batcher.submit(recommender, [queries[i] for i in misses], client)
-            stored = [(rec.fallback or "").encode() + b"\n" + encode(version, rec) for rec in fresh]
+            stored = [
+                (rec.fallback or "").encode() + b"\n" + encode[i](recommender, rec)
+                for i, rec in zip(misses, fresh, strict=True)
+            ]
             for i, new in zip(misses, stored, strict=True):
                 values[i] = new
             await self._set_many([(keys[i], v) for i, v in zip(misses, stored, strict=True)])
@@ -101,6 +116,17 @@ class Pipeline:
             bodies.append(body)
         missed = set(misses)
         return Answer(version, bodies, [i not in missed for i in range(len(queries))])
+
+    async def similar(
+        self, item: str, n: int, exclude: Sequence[str], candidates: Sequence[str] | None
+    ) -> tuple[Recommender, Recommendation]:
+        """Items similar to ``item`` (one matrix-vector product: off the event loop, uncached).
+
+        Raises :class:`multvae.errors.UnknownItemError` for an item the version does not know.
+        """
+        recommender = self.served().recommender
+        rec = await asyncio.to_thread(recommender.similar, item, n, exclude, candidates)
+        return recommender, rec
 
     async def _get_many(self, keys: list[str]) -> list[bytes | None]:
         """The near copies first, then one round trip to the shared cache for the rest."""

@@ -81,8 +81,18 @@ class Served:
             "created_at": self.loaded.created_at,
             "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat(),
             "architecture": dict(self.loaded.config.get("model", {})),
-            "metrics": self.loaded.metrics,
+            "metrics": metrics_summary(self.loaded.metrics),
         }
+
+
+def metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json without its lists (the per-epoch history, quintiles, the anneal search):
+    the summary figures GET /model shows. The whole file stays in the version directory."""
+    return {
+        key: metrics_summary(value) if isinstance(value, dict) else value
+        for key, value in metrics.items()
+        if not isinstance(value, list)
+    }
 
 
 def load_serving(model_dir: Path, version: str | None, device: torch.device) -> Served:

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib.resources
 import json
 from collections import Counter
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, Query, Request, Response, Security
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from multvae import recommend
-from multvae.recommend import Recommendation
+from multvae.errors import UnknownItemError
+from multvae.recommend import Recommendation, Recommender
 from service.errors import (
     AdminDisabledError,
     FieldError,
@@ -39,6 +43,9 @@ from service.schemas import (
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
+    ScoredItem,
+    SimilarRequest,
+    SimilarResponse,
 )
 from service.settings import Settings
 
@@ -144,25 +151,27 @@ recommend_router = APIRouter(
 
 
 def check_limits(
-    request: RecommendRequest, settings: Settings, prefix: str = ""
+    request: RecommendRequest | SimilarRequest, settings: Settings, prefix: str = ""
 ) -> list[FieldError]:
     """Configured bounds and duplicate ids; an empty list when the request is acceptable."""
     errors: list[FieldError] = []
     if request.n > settings.max_n:
         message = f"must be <= {settings.max_n} (MULTVAE_MAX_N), got {request.n}"
         errors.append(FieldError(f"{prefix}n", message))
-    for name, limit, variable in (
-        ("items", settings.max_history, "MULTVAE_MAX_HISTORY"),
-        ("exclude", settings.max_exclude, "MULTVAE_MAX_EXCLUDE"),
-    ):
-        got = len(getattr(request, name))
+    history = request.items if isinstance(request, RecommendRequest) else []
+    for name, got, limit, variable in (
+        ("items", len(history), settings.max_history, "MULTVAE_MAX_HISTORY"),
+        ("exclude", len(request.exclude), settings.max_exclude, "MULTVAE_MAX_EXCLUDE"),
+        ("candidates", len(request.candidates or ()), settings.max_candidates,
+         "MULTVAE_MAX_CANDIDATES"),
+    ):  # fmt: skip
         if got > limit:
             message = f"at most {limit} item ids are accepted ({variable}), got {got}"
             errors.append(FieldError(f"{prefix}{name}", message))
     # A history is a set of clicks; a repeated id usually means the client sends events or
     # counts where the model expects distinct items, so say so instead of guessing.
-    if len(set(request.items)) < len(request.items):
-        repeated = [item for item, count in Counter(request.items).items() if count > 1]
+    if len(set(history)) < len(history):
+        repeated = [item for item, count in Counter(history).items() if count > 1]
         shown = ", ".join(repr(i) for i in repeated[:10])
         more = f" and {len(repeated) - 10} more" if len(repeated) > 10 else ""
         errors.append(
@@ -187,14 +196,33 @@ def client_of(request: Request) -> str:
     return request.client.host if request.client is not None else ""
 
 
-def encode(version: str, rec: Recommendation) -> bytes:
+def encode(recommender: Recommender, rec: Recommendation) -> bytes:
     """A :class:`RecommendResponse` as JSON, less its last field, ``cached``: this is what the
     cache keeps, and a hit is answered with these bytes as they are (see :func:`_body`)."""
     items = [{"item": item, "score": score} for item, score in rec.items]
     return orjson.dumps(
-        {"items": items, "model_version": version, "unknown_items": rec.unknown,
+        {"items": items, "model_version": recommender.version, "unknown_items": rec.unknown,
          "fallback": rec.fallback}
     )  # fmt: skip
+
+
+def encode_titled(recommender: Recommender, rec: Recommendation) -> bytes:
+    """:func:`encode` with each item's title (null where the version has none): ``fields``."""
+    title = recommender.items.title
+    items = [{"item": item, "score": score, "title": title(item)} for item, score in rec.items]
+    return orjson.dumps(
+        {"items": items, "model_version": recommender.version, "unknown_items": rec.unknown,
+         "fallback": rec.fallback}
+    )  # fmt: skip
+
+
+def _scored(
+    recommender: Recommender, rec: Recommendation, body: SimilarRequest
+) -> list[ScoredItem]:
+    if "title" in body.fields:
+        title = recommender.items.title
+        return [ScoredItem(item=i, score=s, title=title(i)) for i, s in rec.items]
+    return [ScoredItem(item=i, score=s) for i, s in rec.items]
 
 
 def _body(answer: Answer, i: int) -> bytes:
@@ -209,11 +237,13 @@ async def _answer(
     strict: bool | None,
     prefixes: list[str],
 ) -> Answer:
-    queries = [recommend.Query(b.items, b.n, b.exclude) for b in bodies]
+    queries = [recommend.Query(b.items, b.n, b.exclude, b.candidates) for b in bodies]
+    titled = ["title" in b.fields for b in bodies]
     try:
         answer = await pipeline.recommend(
-            queries, pipeline.settings.strict if strict is None else strict, encode,
-            client_of(request),
+            queries, pipeline.settings.strict if strict is None else strict,
+            [encode_titled if t else encode for t in titled], client_of(request),
+            ["title" if t else "" for t in titled],
         )
     except UnknownItemsError as exc:
         raise InvalidRequestError.of(
@@ -280,6 +310,25 @@ async def recommend_batch(
     return Response(b'{"results":[' + results + b"]}", media_type="application/json")
 
 
+@recommend_router.post("/similar", response_model_exclude_unset=True)
+async def similar(body: SimilarRequest, request: Request, pipeline: PipelineDep) -> SimilarResponse:
+    """Items similar to one item: cosine of the decoder's item vectors (docs/api.md says how)."""
+    errors = check_limits(body, pipeline.settings)
+    if errors:
+        raise InvalidRequestError.of(errors)
+    try:
+        recommender, rec = await pipeline.similar(
+            body.item, body.n, body.exclude, body.candidates
+        )
+    except UnknownItemError as exc:
+        raise InvalidRequestError.of([FieldError("item", str(exc))]) from None
+    access: AccessInfo | None = getattr(request.state, "access", None)
+    if access is not None:
+        access.model_version = recommender.version
+    items = _scored(recommender, rec, body)
+    return SimilarResponse(item=body.item, items=items, model_version=recommender.version)
+
+
 @router.get("/healthz")
 @router.head("/healthz", operation_id="healthz_head")  # load balancers probe with HEAD too
 async def healthz() -> dict[str, str]:
@@ -294,9 +343,29 @@ async def openapi_document(request: Request) -> JSONResponse:
     return JSONResponse(request.app.openapi())
 
 
+# Swagger UI's JavaScript and CSS as the fastapi-offline package ships them, served from here:
+# FastAPI's default page fetches them from a CDN and is blank on a network without internet.
+DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+DOCS_FILES = {"swagger-ui-bundle.js": "text/javascript", "swagger-ui.css": "text/css",
+              "favicon.png": "image/png"}  # fmt: skip
+
+
 @router.get("/docs", include_in_schema=False)
 async def docs() -> HTMLResponse:
-    return get_swagger_ui_html(openapi_url="/openapi.json", title="multvae-rec API")
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="multvae-rec API",
+        swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+        swagger_css_url="/docs/assets/swagger-ui.css",
+        swagger_favicon_url="/docs/assets/favicon.png",
+    )
+
+
+@router.get("/docs/assets/{name}", include_in_schema=False)
+async def docs_asset(name: str) -> FileResponse:
+    if name not in DOCS_FILES:
+        raise HTTPException(404)
+    return FileResponse(DOCS_ASSETS / name, media_type=DOCS_FILES[name])
 
 
 @router.get("/readyz", responses={503: {"model": ErrorBody}})
@@ -309,7 +378,8 @@ async def readyz(pipeline: PipelineDep) -> dict[str, str]:
 
 @router.get("/model", responses={503: {"model": ErrorBody}})
 async def model_info(pipeline: PipelineDep) -> ModelInfo:
-    """The served model version, its size, device and offline metrics."""
+    """The served model version, its size, device and summary metrics (the per-epoch history
+    and quintiles are in the version's metrics.json)."""
     return ModelInfo(**pipeline.served().describe())
 
 

@@ -10,7 +10,7 @@ Limits that depend on settings (max ``n``, history length) are checked by
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from pydantic_core import PydanticCustomError
@@ -52,18 +52,52 @@ ItemId = Annotated[
     BeforeValidator(_item_id),
     WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "integer"}]}),
 ]
+# Extra per-item fields a client may ask for; "title" is the title the model version knows.
+ItemField = Literal["title"]
+Count = Annotated[int, Field(strict=True, ge=1, description="how many items to return")]
+
+
+Exclude = Annotated[
+    list[ItemId], Field(default_factory=list, description="item ids never to return")
+]
+Candidates = Annotated[
+    list[ItemId] | None,
+    Field(
+        description="rank only these item ids (e.g. in stock, one category); ids the model "
+        "does not know are ignored; omitted or null: every item",
+    ),
+]
+Fields = Annotated[
+    list[ItemField],
+    Field(
+        default_factory=list,
+        description='extra fields per returned item: "title" (null when the version has none)',
+    ),
+]
 
 
 class RecommendRequest(BaseModel):
-    """One click history to fold in."""
+    """One click history to fold in; the history and ``exclude`` are never returned."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     items: list[ItemId] = Field(description="the user's clicked item ids (the history)")
-    n: Annotated[int, Field(strict=True, ge=1, description="how many items to return")] = 20
-    exclude: list[ItemId] = Field(
-        default_factory=list, description="item ids never to return (besides the history)"
-    )
+    n: Count = 20
+    exclude: Exclude
+    candidates: Candidates = None
+    fields: Fields
+
+
+class SimilarRequest(BaseModel):
+    """Items similar to one item; the item itself and ``exclude`` are never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    item: ItemId = Field(description="the item id to find similar items for")
+    n: Count = 10
+    exclude: Exclude
+    candidates: Candidates = None
+    fields: Fields
 
 
 class BatchRequest(BaseModel):
@@ -75,8 +109,11 @@ class BatchRequest(BaseModel):
 
 
 class ScoredItem(BaseModel):
+    """An item and its score; ``title`` only when the request asked for it (``fields``)."""
+
     item: str
     score: float
+    title: str | None = None
 
 
 class RecommendResponse(BaseModel):
@@ -91,6 +128,14 @@ class RecommendResponse(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[RecommendResponse]
+
+
+class SimilarResponse(BaseModel):
+    """Items ranked by cosine similarity to ``item`` (see ``Recommender.similar``)."""
+
+    item: str
+    items: list[ScoredItem]
+    model_version: str
 
 
 class ModelInfo(BaseModel):

@@ -32,7 +32,7 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 
 
 class Settings(BaseSettings):
-    """Every knob of the online service; the README's Serving section has the table."""
+    """Every knob of the online service; docs/serving.md has the table."""
 
     model_config = SettingsConfigDict(env_prefix="MULTVAE_", extra="ignore", frozen=True)
 
@@ -43,6 +43,7 @@ class Settings(BaseSettings):
     max_n: int = Field(default=100, ge=1)
     max_history: int = Field(default=1000, ge=1)
     max_exclude: int = Field(default=1000, ge=0)
+    max_candidates: int = Field(default=10_000, ge=1)
     max_batch_requests: int = Field(default=100, ge=1)
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     strict: bool = False  # default for requests that do not say ?strict=

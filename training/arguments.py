@@ -93,7 +93,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, required: bool = True) -
         "--preset",
         choices=sorted(PRESETS),
         help="ml-20m, netflix, msd: the paper's Table 1 preprocessing, held-out users and "
-        "training schedule; ml-100k, ml-latest-small: the split of REFERENCE.md",
+        "training schedule; ml-100k, ml-latest-small: the reference split (ratings > 3.5, "
+        "users >= 5, 100 / 50 held-out users per group, seeded permutation of user ids)",
     )
     g.add_argument(
         "--min-rating", type=float,

@@ -1,4 +1,5 @@
-"""``multvae train | evaluate | compare | generate | retrain``: the offline subcommands.
+"""``multvae train | evaluate | compare | recommend | similar | generate | retrain``: the offline
+subcommands.
 
 This module only builds parsers: torch, scipy, pandas and the training code are imported
 inside the commands, so that ``multvae --help`` and a mistyped flag answer at once.
@@ -10,7 +11,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from training.arguments import (
     EXIT_FAILED,
@@ -25,6 +26,10 @@ from training.arguments import (
     train_config_from_args,
 )
 from training.catalog import MODEL_KINDS
+
+if TYPE_CHECKING:
+    from multvae.artifacts import ModelVersion
+    from multvae.recommend import Recommendation
 
 
 def describe_split(stats: dict[str, Any], seed: int) -> str:
@@ -274,6 +279,22 @@ def _ids(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+def _show(version: ModelVersion, rec: Recommendation, as_json: bool, extra: dict[str, Any]) -> None:
+    """A ranking as a table (rank, item, score, title when known) or as the service's JSON
+    (with a ``title`` per item when the version has titles)."""
+    title = version.items.title
+    if as_json:
+        titled = version.items.titles is not None
+        items = [{"item": i, "score": s} | ({"title": title(i)} if titled else {})
+                 for i, s in rec.items]  # fmt: skip
+        out = {"model_version": version.version, **extra, "items": items}
+        print(json.dumps(out, indent=2, allow_nan=False))
+        return
+    for rank, (item, score) in enumerate(rec.items, start=1):
+        known = title(item)
+        print(f"{rank:>4}  {item}  {score:.4f}" + (f"  {known}" if known else ""))
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     from multvae.artifacts import load_version
     from multvae.device import resolve_device
@@ -282,24 +303,27 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     version = load_version(args.model_dir, args.version, resolve_device(args.device))
     recommender = Recommender(version.model, version.items, version.version)
     rec = recommender.recommend(args.items, args.n, args.exclude, args.candidates)
-    if args.json:
-        out = {
-            "model_version": version.version,
-            "items": [{"item": item, "score": score} for item, score in rec.items],
-            "unknown_items": rec.unknown,
-            "fallback": rec.fallback,
-        }
-        print(json.dumps(out, indent=2, allow_nan=False))
-        return 0
-    if rec.unknown:
-        print(f"ignored unknown item ids: {', '.join(rec.unknown)}", file=sys.stderr)
-    if rec.fallback is not None:
-        print(f"no known history: {rec.fallback} ranking", file=sys.stderr)
-    titles = version.items.titles
-    for rank, (item, score) in enumerate(rec.items, start=1):
-        column = version.items.column(item)
-        title = titles[column] if titles is not None and column is not None else None
-        print(f"{rank:>4}  {item}  {score:.4f}" + (f"  {title}" if title else ""))
+    if not args.json:
+        if rec.unknown:
+            print(f"ignored unknown item ids: {', '.join(rec.unknown)}", file=sys.stderr)
+        if rec.fallback is not None:
+            print(f"no known history: {rec.fallback} ranking", file=sys.stderr)
+    _show(version, rec, args.json, {"unknown_items": rec.unknown, "fallback": rec.fallback})
+    return 0
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    from multvae.artifacts import load_version
+    from multvae.device import resolve_device
+    from multvae.recommend import Recommender
+
+    version = load_version(args.model_dir, args.version, resolve_device(args.device))
+    recommender = Recommender(version.model, version.items, version.version)
+    rec = recommender.similar(args.item, args.n, args.exclude, args.candidates)
+    if not args.json:
+        title = version.items.title(args.item)
+        print(f"similar to {args.item}" + (f" ({title})" if title else ""), file=sys.stderr)
+    _show(version, rec, args.json, {"item": args.item})
     return 0
 
 
@@ -405,6 +429,20 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_recommend)
 
+    p = subparsers.add_parser(
+        "similar",
+        help="items similar to one item: cosine of the decoder's item vectors (no server needed)",
+    )
+    p.add_argument("model_dir", help="model directory")
+    p.add_argument("--item", required=True, help="the item id")
+    p.add_argument("-n", type=positive_int, default=10, help="items to return (default 10)")
+    p.add_argument("--exclude", type=_ids, default=[], help="item ids never to return")
+    p.add_argument("--candidates", type=_ids, help="rank only these item ids")
+    p.add_argument("--version", help="version to use (default: CURRENT)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_similar)
+
     p = subparsers.add_parser("generate", help="write synthetic clustered interaction data")
     p.add_argument("--shape", required=True, help="small, ml-20m, netflix or msd")
     p.add_argument(
@@ -482,8 +520,6 @@ def register_retrain(subparsers: Any) -> None:
     g.add_argument("--json", action="store_true", help="print the JSON report")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_retrain)
-
-
 
 
 DATASET_NAMES = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "msd")

@@ -8,6 +8,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from multvae.errors import UnknownItemError
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE, SparseRows
 from multvae.recommend import Query, Recommender, rank_rows
@@ -119,6 +120,50 @@ def test_ranking_sees_weights_changed_in_place() -> None:
     top = torch.topk(expected, 5).indices.tolist()
     assert rank_rows(rec.model, fold_in, 5)[0].tolist() == top
     assert [i for i, _ in rec.recommend(_ids([1, 2]), 5).items] == _ids(top)
+
+
+def test_similar_is_the_cosine_of_the_output_layer_rows() -> None:
+    rec = _recommender()
+    weight = rec.model.output_layer.weight.detach().numpy()
+    unit = weight / np.linalg.norm(weight, axis=1, keepdims=True)
+    cosine = unit @ unit[4]
+    cosine[4] = -np.inf  # the item itself is never returned
+    expected = np.argsort(-cosine, kind="stable")[:6]
+    out = rec.similar(_id(4), 6)
+    assert [item for item, _ in out.items] == _ids(expected.tolist())
+    np.testing.assert_allclose([s for _, s in out.items], cosine[expected], rtol=1e-5)
+    assert out.fallback is None
+
+
+def test_similar_known_answer_and_restrictions() -> None:
+    rec = _recommender()
+    with torch.no_grad():
+        weight = rec.model.output_layer.weight
+        weight.normal_(0.0, 0.01)
+        weight[0] = 0.0
+        weight[0, 0] = 1.0
+        weight[1] = 0.0
+        weight[1, :2] = torch.tensor([3.0, 0.3])  # nearly parallel to item 0, three times longer
+        weight[2] = 0.0
+        weight[2, 1] = 1.0  # orthogonal
+        weight[3] = -weight[0]  # opposite
+    rec = Recommender(rec.model, rec.items, "v1")  # norms are taken when it is built
+    assert rec.similar(_id(0), 1).items[0][0] == _id(1)
+    scores = dict(rec.similar(_id(0), N_ITEMS).items)
+    assert scores[_id(1)] > 0.99
+    assert abs(scores[_id(2)]) < 1e-6
+    assert scores[_id(3)] == min(scores.values())
+    assert scores[_id(3)] < -0.99
+    assert _id(0) not in scores
+    assert len(scores) == N_ITEMS - 1
+    assert next(i for i, _ in rec.similar(_id(0), 2, exclude=_ids([1])).items) != _id(1)
+    restricted = rec.similar(_id(0), 5, candidates=_ids([2, 3, 0, 99]))
+    assert [i for i, _ in restricted.items] == _ids([2, 3])
+
+
+def test_similar_refuses_an_unknown_item() -> None:
+    with pytest.raises(UnknownItemError, match="'nope' is not one of the 50 items of model"):
+        _recommender().similar("nope", 5)
 
 
 def test_a_model_with_non_finite_weights_fails_the_finite_check() -> None:
