@@ -499,7 +499,9 @@ def run(args: argparse.Namespace) -> None:
             argv = [*bench.server_cpus, sys.executable, "-m", "uvicorn",
                     "serve_open_loop:trivial_app", "--factory",
                     "--app-dir", str(Path(__file__).parent), "--port", str(port),
-                    "--log-level", "warning", "--no-access-log"]  # fmt: skip
+                    "--log-level", "warning", "--no-access-log",
+                    "--http", args.trivial_http]  # fmt: skip
+            print(f"    (uvicorn --http {args.trivial_http})", flush=True)
             server = Process(argv, {}, work / "trivial.log", port)
             try:
                 bench.step(server, "trivial", 200, 1.0)
@@ -550,6 +552,12 @@ def main() -> None:
     parser.add_argument("--max-rate", type=float, default=20_000.0)
     parser.add_argument("--step-s", type=float, default=4.0)
     parser.add_argument("--measure-s", type=float, default=8.0)
+    parser.add_argument(
+        "--trivial-http",
+        choices=["auto", "h11", "httptools"],
+        default="auto",
+        help="uvicorn's HTTP protocol for the trivial endpoint (the service runs h11)",
+    )
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--out", help="JSON results (default: in the run's temporary directory)")
     args = parser.parse_args()
