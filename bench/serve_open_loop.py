@@ -440,7 +440,8 @@ def run(args: argparse.Namespace) -> None:
     )  # fmt: skip
     time.sleep(0.5)  # redis-server binds within milliseconds; it answers no /readyz
     env = {"PYTHONPATH": str(source), "MULTVAE_RELOAD_INTERVAL_S": "0",
-           "MULTVAE_REDIS_URL": f"redis://{HOST}:{redis_port}/0"}  # fmt: skip
+           "MULTVAE_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
+           "MULTVAE_MODEL_DIR": str(model_dir), "MULTVAE_DEVICE": "cpu"}  # fmt: skip
     threads = len(os.sched_getaffinity(0)) - (1 if bench.generator_cpus else 0)
     summary: dict[str, Any] = {"machine": _machine(), "source": str(source), "servers": {}}
     try:
@@ -451,6 +452,11 @@ def run(args: argparse.Namespace) -> None:
             argv = [*bench.server_cpus, sys.executable, "-m", "multvae_cli", "serve",
                     "--model-dir", str(model_dir), "--device", "cpu",
                     "--port", str(port)]  # fmt: skip
+            if args.service_http:  # the app under plain uvicorn, this protocol (an A/B of it)
+                argv = [*bench.server_cpus, sys.executable, "-m", "uvicorn",
+                        "service.app:create_app", "--factory", "--port", str(port),
+                        "--http", args.service_http, "--log-level", "warning",
+                        "--no-access-log", "--no-server-header"]  # fmt: skip
             argv += ["--workers", str(workers)] if workers > 1 else []
             label = f"service, {workers} worker{'s' * (workers > 1)}"
             print(f"{label}:", flush=True)
@@ -499,7 +505,9 @@ def run(args: argparse.Namespace) -> None:
             argv = [*bench.server_cpus, sys.executable, "-m", "uvicorn",
                     "serve_open_loop:trivial_app", "--factory",
                     "--app-dir", str(Path(__file__).parent), "--port", str(port),
-                    "--log-level", "warning", "--no-access-log"]  # fmt: skip
+                    "--log-level", "warning", "--no-access-log",
+                    "--http", args.trivial_http]  # fmt: skip
+            print(f"    (uvicorn --http {args.trivial_http})", flush=True)
             server = Process(argv, {}, work / "trivial.log", port)
             try:
                 bench.step(server, "trivial", 200, 1.0)
@@ -550,6 +558,19 @@ def main() -> None:
     parser.add_argument("--max-rate", type=float, default=20_000.0)
     parser.add_argument("--step-s", type=float, default=4.0)
     parser.add_argument("--measure-s", type=float, default=8.0)
+    parser.add_argument(
+        "--trivial-http",
+        choices=["auto", "h11", "httptools"],
+        default="auto",
+        help="uvicorn's HTTP protocol for the trivial endpoint (the service runs h11)",
+    )
+    parser.add_argument(
+        "--service-http",
+        choices=["h11", "httptools"],
+        default=None,
+        help="start the service as `uvicorn service.app:create_app --factory --http X` "
+        "instead of `multvae serve` (which runs h11): isolates the protocol's cost",
+    )
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--out", help="JSON results (default: in the run's temporary directory)")
     args = parser.parse_args()
