@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from multvae_cli import main
@@ -21,3 +23,12 @@ def test_help_names_no_file_outside_the_repository(
     assert f"usage: multvae {command}" in text
     for missing in ("REFERENCE.md", "shared/data", "../shared"):
         assert missing not in text, f"multvae {command} --help mentions {missing}"
+
+
+def test_readme_and_docs_name_no_file_outside_the_repository() -> None:
+    # A fresh clone has no ../shared: the README once sent new users there (issue 12, point 4).
+    root = Path(__file__).resolve().parents[2]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for missing in ("REFERENCE.md", "shared/data", "../shared"):
+            assert missing not in text, f"{page.name} mentions {missing}"
