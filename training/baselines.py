@@ -193,18 +193,23 @@ def ease_weights(train: sp.csr_matrix, l2: float) -> NDArray[np.float32]:
     # a row-major tensor costs a working copy. torch's LAPACK (MKL) rather than scipy's: the
     # bundled OpenBLAS crashes (SIGSEGV in its threaded potrf) from about 16,500 items here.
     p = torch.from_numpy(buffer)
-    p.diagonal().add_(l2)
-    try:
-        torch.linalg.cholesky(p, out=p)
-    except torch.linalg.LinAlgError as exc:
-        raise DataError(
-            f"X^T X + {l2} I is not positive definite ({exc}); use a larger L2 weight"
-        ) from exc
-    torch.cholesky_inverse(p, out=p)  # P = (X^T X + lambda I)^-1, both triangles
+    _invert_regularised_(p, l2, "X^T X")  # P = (X^T X + lambda I)^-1, both triangles
     inv = buffer.T  # P is symmetric: the row-major view is P too, and scores rows fast
     inv /= -np.diag(inv).copy()[None, :]  # B_ij = -P_ij / P_jj
     np.fill_diagonal(inv, 0.0)
     return inv
+
+
+def _invert_regularised_(m: torch.Tensor, l2: float, name: str) -> None:
+    """``m <- (m + l2 I)^-1`` in place through its Cholesky factor (``m`` symmetric)."""
+    m.diagonal().add_(l2)
+    try:
+        torch.linalg.cholesky(m, out=m)
+    except torch.linalg.LinAlgError as exc:
+        raise DataError(
+            f"{name} + {l2} I is not positive definite ({exc}); use a larger L2 weight"
+        ) from exc
+    torch.cholesky_inverse(m, out=m)
 
 
 def ease_scorer(weights: NDArray[np.float32]) -> Scorer:
@@ -220,14 +225,7 @@ def ease_dual_scorer(train: sp.csr_matrix, l2: float, chunk: int = 2048) -> Scor
     x = sp.csr_matrix(train, dtype=np.float64)
     xt = sp.csr_matrix(x.T)
     k = torch.from_numpy((x @ xt).toarray())  # X X^T, U x U
-    k.diagonal().add_(l2)
-    try:
-        torch.linalg.cholesky(k, out=k)
-    except torch.linalg.LinAlgError as exc:
-        raise DataError(
-            f"X X^T + {l2} I is not positive definite ({exc}); use a larger L2 weight"
-        ) from exc
-    torch.cholesky_inverse(k, out=k)
+    _invert_regularised_(k, l2, "X X^T")
     kernel = k.numpy()  # K = (X X^T + lambda I)^-1, symmetric
     # diag(X^T K X)_j = x_j^T K x_j over item columns x_j, a chunk of items at a time.
     xc = sp.csc_matrix(x)

@@ -327,6 +327,16 @@ def cmd_similar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ranking_arguments(p: argparse.ArgumentParser, n: int) -> None:
+    """What `recommend` and `similar` share: how many, what not to return, which version."""
+    p.add_argument("-n", type=positive_int, default=n, help=f"items to return (default {n})")
+    p.add_argument("--exclude", type=_ids, default=[], help="item ids never to return")
+    p.add_argument("--candidates", type=_ids, help="rank only these item ids")
+    p.add_argument("--version", help="version to use (default: CURRENT)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train a model version from an interaction file")
     add_data_arguments(p)
@@ -421,12 +431,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("model_dir", help="model directory")
     p.add_argument("items", type=_ids, help="the history: comma-separated item ids")
-    p.add_argument("-n", type=positive_int, default=20, help="items to return (default 20)")
-    p.add_argument("--exclude", type=_ids, default=[], help="item ids never to return")
-    p.add_argument("--candidates", type=_ids, help="rank only these item ids")
-    p.add_argument("--version", help="version to use (default: CURRENT)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_ranking_arguments(p, n=20)
     p.set_defaults(func=cmd_recommend)
 
     p = subparsers.add_parser(
@@ -435,12 +440,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("model_dir", help="model directory")
     p.add_argument("--item", required=True, help="the item id")
-    p.add_argument("-n", type=positive_int, default=10, help="items to return (default 10)")
-    p.add_argument("--exclude", type=_ids, default=[], help="item ids never to return")
-    p.add_argument("--candidates", type=_ids, help="rank only these item ids")
-    p.add_argument("--version", help="version to use (default: CURRENT)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_ranking_arguments(p, n=10)
     p.set_defaults(func=cmd_similar)
 
     p = subparsers.add_parser("generate", help="write synthetic clustered interaction data")
