@@ -90,8 +90,8 @@ def load(checkpointing: Checkpointing) -> dict[str, Any] | None:
         state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise TrainingError(
-            f"cannot read the checkpoint {path} ({type(exc).__name__}: {exc}); delete it to "
-            "train from the start"
+            f"cannot read the checkpoint {path}: damaged, or not a checkpoint multvae wrote "
+            f"({type(exc).__name__}); delete it to train from the start"
         ) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainingError(
