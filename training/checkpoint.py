@@ -49,7 +49,7 @@ def identity(fingerprint: str, config: dict[str, Any]) -> str:
     """What a resumed run must share with the one that checkpointed: the data and the training
     settings, all but the device."""
     settings = {k: v for k, v in config.items() if k != "device"}
-    return json.dumps({"data": fingerprint, "config": settings}, sort_keys=True, default=list)
+    return json.dumps({"data": fingerprint, "config": settings}, sort_keys=True)
 
 
 def save(path: Path, state: dict[str, Any]) -> None:

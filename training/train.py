@@ -13,6 +13,12 @@ Two regimes:
   the anneal schedule is scaled so beta reaches its cap at ``anneal_fraction`` of the planned
   updates, the architecture follows the data size (see :func:`plan`), and training stops when
   validation NDCG@100 has not improved for ``patience`` epochs.
+
+Either runs in one process or as one rank of a torchrun job (:mod:`training.distributed`:
+each rank trains its shard of every global batch, the validation sums are all-reduced) and
+can checkpoint every epoch and resume (:mod:`training.checkpoint`). Each epoch seeds its
+random streams from (seed, epoch, rank) (:func:`epoch_seed`), so a resumed run draws what an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -237,12 +243,6 @@ def validation_sum(
         fold_in, targets = fold_in[rows], targets[rows]
     ndcg = ndcg_at_k(rank_rows(model, fold_in, 100), targets, 100)
     return float(ndcg.sum()), len(ndcg)
-
-
-def validation_ndcg(model: MultVAE, heldout: HeldOut) -> float:
-    """Mean NDCG@100 of the validation users (fold-in masked), via the serving fold-in path."""
-    total, n = validation_sum(model, heldout)
-    return total / n
 
 
 def model_config_for(config: TrainConfig, sched: Plan, n_items: int) -> ModelConfig:
