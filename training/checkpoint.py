@@ -52,21 +52,32 @@ def identity(fingerprint: str, config: dict[str, Any]) -> str:
     return json.dumps({"data": fingerprint, "config": settings}, sort_keys=True)
 
 
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(path: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file beside it, fsynced, renamed."""
+    """Write ``state`` to ``path`` atomically: a temporary file beside it (streamed, never a
+    second copy in memory), fsynced, renamed. TrainingError when it cannot be written."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    fd = os.open(tmp, os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        torch.save(state, tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        _fsync(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else (
+            "the write failed part-way (a full disk, a quota or a file size limit)"
+        )  # fmt: skip
+        raise TrainingError(
+            f"cannot write the training checkpoint {path}: {why}; training stopped and no "
+            "version was written (free space or pick another --out)"
+        ) from exc
 
 
 def _differences(found: str, wanted: str) -> str:
