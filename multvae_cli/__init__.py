@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if args.command != "train" and world not in ("", "0", "1"):
+        print(
+            f"multvae {args.command}: error: only `multvae train` runs as several processes "
+            f"(torchrun set WORLD_SIZE={world}); run {args.command} without torchrun",
+            file=sys.stderr,
+        )
+        return 2
     try:
         code: int = args.func(args)
         sys.stdout.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from training.catalog import MODEL_KINDS
 if TYPE_CHECKING:
     from multvae.artifacts import ModelVersion
     from multvae.recommend import Recommendation
+    from training.train import EpochRecord
 
 
 def describe_split(stats: dict[str, Any], seed: int) -> str:
@@ -41,25 +43,67 @@ def describe_split(stats: dict[str, Any], seed: int) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    return run_train(args)
+
+
+def _silent(*_: Any, **__: Any) -> None:
+    pass
+
+
+def run_train(
+    args: argparse.Namespace, on_epoch: Callable[[EpochRecord], None] | None = None
+) -> int:
+    """``multvae train`` in one process, or as one rank of a ``torchrun`` job.
+
+    Every rank reads and splits the data (the split is seeded, so all agree, and they check
+    the data fingerprint), trains its shard of every batch, and waits for the others at the
+    end; then rank 0 alone scores the model, writes the version and removes the checkpoint.
+    A rank that dies stops the job before that point: the others fail in their next
+    collective (or torchrun stops them), and nothing is written. ``on_epoch`` runs on every
+    rank after each epoch's checkpoint.
+    """
     from multvae.artifacts import VERSIONS
-    from multvae.device import resolve_device
+    from training import checkpoint
+    from training.distributed import joined
     from training.evaluate import format_evaluation
-    from training.pipeline import prepare, train_and_write
+    from training.pipeline import prepare, write_trained
+    from training.train import train
 
     spec = spec_from_args(args)
     config = train_config_from_args(args, spec)
-    resolve_device(config.device)  # fail before reading data
-    print(f"reading {spec.path} ...", flush=True)
-    data = prepare(spec)
-    print(describe_split(data.split.stats, spec.seed), flush=True)
-    trained = train_and_write(
-        spec, config, args.out, promote=not args.no_promote, progress=not args.quiet,
-        prepared=data,
-    )  # fmt: skip
+    with joined(config.device) as group:  # a device that is not there fails before reading
+        say = print if group.leader else _silent
+        ranks = f" over {group.world} processes" if group.distributed else ""
+        say(f"reading {spec.path} ...", flush=True)
+        data = prepare(spec)
+        group.check_same(data.fingerprint, "data")
+        say(describe_split(data.split.stats, spec.seed), flush=True)
+        path = checkpoint.checkpoint_path(args.out)
+        if group.leader:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                say(f"resuming the run checkpointed in {path}" if args.resume else
+                    f"{path} holds an unfinished run: training from the start and replacing "
+                    "it (--resume continues it)", flush=True)  # fmt: skip
+            elif args.resume:
+                say(f"--resume: no checkpoint at {path}; training from the start", flush=True)
+        checkpointing = checkpoint.Checkpointing(
+            path, args.resume, checkpoint.identity(data.fingerprint, config.to_dict())
+        )
+        result = train(
+            data.split, config, progress=not args.quiet, on_epoch=on_epoch, group=group,
+            checkpointing=checkpointing,
+        )  # fmt: skip
+        group.barrier()  # every rank finished training: none died before the write
+        if not group.leader:
+            return 0
+        trained = write_trained(spec, config, args.out, data, result,
+                                promote=not args.no_promote, processes=group.world)  # fmt: skip
+        checkpoint.remove(path)
     r = trained.result
     print(
         f"trained {r.plan.model} for {len(r.history)} epochs ({r.history[-1].updates} updates, "
-        f"batch {r.plan.batch_size}) in {r.seconds:.1f}s; best epoch {r.best_epoch}, "
+        f"batch {r.plan.batch_size}{ranks}) in {r.seconds:.1f}s; best epoch {r.best_epoch}, "
         f"beta {r.beta:.3f}, validation NDCG@100 {r.best_val_ndcg:.4f}"
     )
     print(format_evaluation("test", trained.test))
@@ -344,6 +388,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="model directory (versions/ and CURRENT)")
     p.add_argument("--no-promote", action="store_true", help="write the version, keep CURRENT")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="continue the run checkpointed in OUT/train-checkpoint.pt (same data and "
+        "settings) when there is one, else start from the beginning",
+    )  # fmt: skip
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser(

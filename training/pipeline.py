@@ -143,9 +143,27 @@ def train_and_write(
     ``extra_metrics`` (e.g. a tuning search) is stored in metrics.json beside the scores.
     """
     data = prepared or prepare(spec)
+    log.info("split: %s", data.split.stats)
+    result = train(data.split, config, progress=progress)
+    return write_trained(spec, config, model_dir, data, result, promote=promote,
+                         extra_metrics=extra_metrics)  # fmt: skip
+
+
+def write_trained(
+    spec: DataSpec,
+    config: TrainConfig,
+    model_dir: Path | str,
+    data: PreparedData,
+    result: TrainResult,
+    *,
+    promote: bool = True,
+    extra_metrics: dict[str, Any] | None = None,
+    processes: int = 1,
+) -> TrainedVersion:
+    """Score a trained model on the validation and test users and write it as a verified
+    model version (CURRENT moves if promote); ``extra_metrics`` go into metrics.json,
+    ``processes`` (the ranks that trained it) into config.json's environment."""
     split = data.split
-    log.info("split: %s", split.stats)
-    result = train(split, config, progress=progress)
     validation = evaluate_model(result.model, split.validation)
     test = evaluate_model(result.model, split.test)
     device = resolve_device(config.device)
@@ -169,7 +187,8 @@ def train_and_write(
         "train_config": config.to_dict(),  # as given: what `multvae retrain` reuses
         "beta": result.beta,
         "environment": {
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)
+            "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "processes": processes,
         },
     }
     version = write_version(

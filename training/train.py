@@ -13,6 +13,12 @@ Two regimes:
   the anneal schedule is scaled so beta reaches its cap at ``anneal_fraction`` of the planned
   updates, the architecture follows the data size (see :func:`plan`), and training stops when
   validation NDCG@100 has not improved for ``patience`` epochs.
+
+Either runs in one process or as one rank of a torchrun job (:mod:`training.distributed`:
+each rank trains its shard of every global batch, the validation sums are all-reduced) and
+can checkpoint every epoch and resume (:mod:`training.checkpoint`). Each epoch seeds its
+random streams from (seed, epoch, rank) (:func:`epoch_seed`), so a resumed run draws what an
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ from multvae.errors import TrainingError
 from multvae.model import Likelihood, ModelConfig, ModelKind, MultVAE, SparseRows
 from multvae.ranking import ndcg_at_k
 from multvae.recommend import rank_rows
+from training import checkpoint
+from training.checkpoint import Checkpointing
 from training.dataset import HeldOut, Split
+from training.distributed import Group
 
 AnnealCap = float | Literal["auto", "auto-single"]
 # Below this many training users the default kind is Mult-DAE [I -> 200 -> I], from it
@@ -211,10 +220,29 @@ def _batches(x: sp.csr_matrix, batch: int, rng: np.random.Generator) -> list[np.
     return [order[i : i + batch] for i in range(0, len(order), batch)]
 
 
-def validation_ndcg(model: MultVAE, heldout: HeldOut) -> float:
-    """Mean NDCG@100 of the validation users (fold-in masked), via the serving fold-in path."""
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The torch seed of one epoch on one rank (dropout masks, reparameterisation noise).
+
+    A function of (seed, epoch, rank) alone: a resumed run draws what an uninterrupted one
+    would without any saved random state, and ranks draw different masks for their users.
+    """
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0])
+
+
+def validation_sum(
+    model: MultVAE, heldout: HeldOut, group: Group | None = None
+) -> tuple[float, int]:
+    """(sum of NDCG@100, users) over this rank's share of the validation users (all of them in
+    one process), fold-in masked, via the serving fold-in path."""
     model.eval()
-    return float(ndcg_at_k(rank_rows(model, heldout.fold_in, 100), heldout.targets, 100).mean())
+    fold_in, targets = heldout.fold_in, heldout.targets
+    if group is not None and group.distributed:
+        rows = np.array_split(np.arange(heldout.n_users), group.world)[group.rank]
+        if not len(rows):
+            return 0.0, 0
+        fold_in, targets = fold_in[rows], targets[rows]
+    ndcg = ndcg_at_k(rank_rows(model, fold_in, 100), targets, 100)
+    return float(ndcg.sum()), len(ndcg)
 
 
 def model_config_for(config: TrainConfig, sched: Plan, n_items: int) -> ModelConfig:
@@ -257,6 +285,10 @@ class RecVAESteps:
         self.encoder_opt = torch.optim.Adam(encoder, lr=config.lr, weight_decay=decay)
         self.decoder_opt = torch.optim.Adam(decoder, lr=config.lr, weight_decay=decay)
         self.old_encoder = self._frozen_copy()
+
+    @property
+    def optimisers(self) -> list[torch.optim.Optimizer]:
+        return [self.encoder_opt, self.decoder_opt]
 
     def _frozen_copy(self) -> MultVAE:
         old = copy.deepcopy(self.model).eval()
@@ -306,99 +338,217 @@ class RecVAESteps:
         return total, seen
 
 
-def _run(
-    split: Split,
-    config: TrainConfig,
-    sched: Plan,
-    cap: float,
-    device: torch.device,
-    progress: bool,
-    freeze_on_drop: bool,
-    on_epoch: Callable[[EpochRecord], None] | None,
-) -> TrainResult:
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    model = MultVAE(model_config_for(config, sched, split.n_items)).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    recvae = RecVAESteps(model, config, sched) if sched.model == "recvae" else None
-    lam = sched.weight_decay / sched.batch_size  # the reference's L2 scale for the DAE
-    train = sp.csr_matrix(split.train, dtype=np.float32)
-    updates, best, best_epoch, best_beta = 0, -1.0, 0, 0.0
-    best_state: dict[str, torch.Tensor] = {}
-    schedule = BetaSchedule(cap, sched.total_anneal_steps, freeze_on_drop)
-    history: list[EpochRecord] = []
-    stale = 0
-    started = time.perf_counter()
-    bar = tqdm(total=sched.epochs, disable=not progress, unit="epoch")
-    for epoch in range(1, sched.epochs + 1):
-        model.train()
-        tic = time.perf_counter()
-        total, n_seen, beta = 0.0, 0, 0.0
-        if recvae is not None:
-            total, n_seen = recvae.epoch(train, sched.batch_size, rng, device, epoch)
-            updates += sched.batches_per_epoch
-        else:
-            for rows in _batches(train, sched.batch_size, rng):
-                x = SparseRows.from_csr(train[rows], device)
-                if sched.model == "multvae":
-                    beta = schedule(updates)
-                logits, mu, logvar = model(x)
-                loss = model.neg_log_likelihood(logits, x)
-                if logvar is not None:
-                    loss = loss + beta * model.kl_divergence(mu, logvar)
-                if lam > 0:
-                    loss = loss + 2 * lam * 0.5 * model.l2_penalty()  # 2 * tf l2_regularizer(lam)
-                if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch}, update {updates + 1} "
-                        f"(beta {beta:.4f}, lr {config.lr}); nothing was written. Lower --lr or "
-                        "check the input for extreme values"
-                    )
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                updates += 1
-                total += loss.item() * len(rows)
-                n_seen += len(rows)
-        seconds = time.perf_counter() - tic
-        ndcg = validation_ndcg(model, split.validation)
-        record = EpochRecord(
-            epoch, updates, total / n_seen, beta, ndcg, seconds, n_seen / max(seconds, 1e-9)
-        )
-        history.append(record)
-        if on_epoch is not None:
-            on_epoch(record)
-        bar.set_postfix(
-            loss=f"{record.loss:.2f}",
-            beta=f"{beta:.3f}",
-            ndcg=f"{ndcg:.4f}",
-            users_s=f"{record.users_per_s:.0f}",
-        )
-        improved = ndcg > best
-        if improved:
-            best, best_epoch, best_beta, stale = ndcg, epoch, beta, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-        schedule.observe(improved, best_beta)
-        bar.update(1)
-        if sched.patience is not None and stale >= sched.patience:
+@dataclass
+class RunState:
+    """A run's progress between epochs: what a checkpoint restores besides the tensors."""
+
+    cap: float
+    epoch: int = 0  # epochs finished
+    updates: int = 0
+    best: float = -1.0
+    best_epoch: int = 0
+    best_beta: float = 0.0
+    stale: int = 0  # epochs since the best one
+    frozen: float | None = None  # BetaSchedule.frozen
+    seconds: float = 0.0
+    history: list[EpochRecord] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunState:
+        fields = dict(data)
+        fields["history"] = [EpochRecord(**r) for r in fields["history"]]
+        return cls(**fields)
+
+
+@dataclass
+class Resumed:
+    """A checkpoint as every rank sees it: rank 0 alone holds the model weights (the others
+    receive them from DistributedDataParallel, which broadcasts rank 0's at wrapping)."""
+
+    phase: str  # "search": the first run of anneal_cap="auto"; "final": the only or second
+    run: RunState
+    optimisers: list[dict[str, Any]]
+    search: list[EpochRecord]
+    search_seconds: float
+    model: dict[str, Tensor] | None = None
+    best_model: dict[str, Tensor] | None = None
+    old_encoder: dict[str, Tensor] | None = None
+
+
+def _resume_point(checkpointing: Checkpointing | None, group: Group) -> Resumed | None:
+    """Rank 0 reads the checkpoint; every rank gets its schedule and optimiser state, or the
+    same TrainingError."""
+    state: dict[str, Any] | None = None
+    error = None
+    if group.leader and checkpointing is not None:
+        try:
+            state = checkpoint.load(checkpointing)
+        except TrainingError as exc:
+            error = str(exc)
+    weights = ("model", "best_model", "old_encoder")
+    shared = None if state is None else {k: v for k, v in state.items() if k not in weights}
+    error, shared = group.from_leader((error, shared))
+    if error is not None:
+        raise TrainingError(error)
+    if shared is None:
+        return None
+    mine = state if state is not None else {}
+    return Resumed(
+        shared["phase"], RunState.from_dict(shared["run"]), shared["optimisers"],
+        [EpochRecord(**r) for r in shared["search"]], shared["search_seconds"],
+        mine.get("model"), mine.get("best_model"), mine.get("old_encoder"),
+    )  # fmt: skip
+
+
+@dataclass
+class _Loop:
+    """The epochs of one run (or of each of anneal_cap="auto"'s two), on one rank."""
+
+    split: Split
+    config: TrainConfig
+    sched: Plan
+    group: Group
+    progress: bool
+    on_epoch: Callable[[EpochRecord], None] | None
+    checkpointing: Checkpointing | None
+
+    def run(
+        self,
+        cap: float,
+        freeze_on_drop: bool,
+        phase: str,
+        resumed: Resumed | None,
+        search: tuple[list[EpochRecord], float] = ([], 0.0),
+    ) -> TrainResult:
+        config, sched, group, device = self.config, self.sched, self.group, self.group.device
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
+        model = MultVAE(model_config_for(config, sched, self.split.n_items)).to(device)
+        recvae = RecVAESteps(model, config, sched) if sched.model == "recvae" else None
+        optimisers = (
+            recvae.optimisers if recvae is not None
+            else [torch.optim.Adam(model.parameters(), lr=config.lr)]
+        )  # fmt: skip
+        state, best_state = RunState(cap), {}
+        if resumed is not None:
+            state = resumed.run
+            if resumed.model is not None:
+                model.load_state_dict(resumed.model)
+            best_state = resumed.best_model or {}
+            for optimiser, saved in zip(optimisers, resumed.optimisers, strict=True):
+                optimiser.load_state_dict(saved)
+            if recvae is not None and resumed.old_encoder is not None:
+                recvae.old_encoder.load_state_dict(resumed.old_encoder)
+        net = group.wrap(model)
+        schedule = BetaSchedule(state.cap, sched.total_anneal_steps, freeze_on_drop, state.frozen)
+        train = sp.csr_matrix(self.split.train, dtype=np.float32)
+        bar = tqdm(
+            total=sched.epochs, initial=state.epoch, unit="epoch",
+            disable=not (self.progress and group.leader),
+        )  # fmt: skip
+        while state.epoch < sched.epochs and not self._stopped(state):
+            epoch = state.epoch + 1
+            torch.manual_seed(epoch_seed(config.seed, epoch, group.rank))
+            rng = np.random.default_rng([config.seed, epoch])
+            tic = time.perf_counter()
+            net.train()
+            beta = 0.0
+            if recvae is not None:
+                total, n_seen = recvae.epoch(train, sched.batch_size, rng, device, epoch)
+                state.updates += sched.batches_per_epoch
+            else:
+                total, n_seen, beta = self._epoch(net, model, optimisers[0], train, rng,
+                                                  schedule, state, epoch)  # fmt: skip
+            seconds = time.perf_counter() - tic
+            # Losses and validation NDCG@100 summed over the ranks: the same numbers, hence
+            # the same best epoch and the same early stop, on every rank.
+            loss_sum, users, val_sum, val_users = group.sum(
+                [total, n_seen, *validation_sum(model, self.split.validation, group)]
+            )
+            ndcg = val_sum / val_users
+            record = EpochRecord(
+                epoch, state.updates, loss_sum / users, beta, ndcg, seconds,
+                users / max(seconds, 1e-9),
+            )  # fmt: skip
+            state.history.append(record)
+            if ndcg > state.best:
+                state.best, state.best_epoch, state.best_beta, state.stale = ndcg, epoch, beta, 0
+                if group.leader:  # the only rank that writes the result
+                    best_state = copy.deepcopy(model.state_dict())
+            else:
+                state.stale += 1
+            schedule.observe(state.best_epoch == epoch, state.best_beta)
+            state.frozen, state.epoch = schedule.frozen, epoch
+            state.seconds += time.perf_counter() - tic
+            if self.checkpointing is not None and group.leader:
+                checkpoint.save(self.checkpointing.path, {
+                    "format": checkpoint.FORMAT, "identity": self.checkpointing.identity,
+                    "phase": phase, "run": asdict(state),
+                    "search": [asdict(r) for r in search[0]], "search_seconds": search[1],
+                    "model": model.state_dict(), "best_model": best_state,
+                    "optimisers": [o.state_dict() for o in optimisers],
+                    "old_encoder": None if recvae is None else recvae.old_encoder.state_dict(),
+                })  # fmt: skip
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+            bar.set_postfix(
+                loss=f"{record.loss:.2f}", beta=f"{beta:.3f}", ndcg=f"{ndcg:.4f}",
+                users_s=f"{record.users_per_s:.0f}",
+            )  # fmt: skip
+            bar.update(1)
+        if self._stopped(state):
             # The bar ends full at the epochs that ran, not at "400/1000".
-            bar.total = epoch
+            bar.total = state.epoch
             bar.set_description(f"stopped early ({sched.patience} epochs without gain)")
-            break
-    bar.close()
-    model.load_state_dict(best_state)
-    model.eval()
-    return TrainResult(
-        model,
-        best_epoch,
-        best,
-        best_beta,
-        sched,
-        history,
-        seconds=time.perf_counter() - started,
-    )
+        bar.close()
+        if best_state:
+            model.load_state_dict(best_state)
+        model.eval()
+        return TrainResult(
+            model, state.best_epoch, state.best, state.best_beta, sched, state.history,
+            seconds=state.seconds,
+        )  # fmt: skip
+
+    def _stopped(self, state: RunState) -> bool:
+        return self.sched.patience is not None and state.stale >= self.sched.patience
+
+    def _epoch(
+        self, net: torch.nn.Module, model: MultVAE, optimiser: torch.optim.Optimizer,
+        train: sp.csr_matrix, rng: np.random.Generator, schedule: BetaSchedule,
+        state: RunState, epoch: int,
+    ) -> tuple[float, int, float]:
+        """One pass of Mult-VAE / Mult-DAE updates; (loss summed over users, users, last beta).
+
+        Each rank trains on its shard of every global batch, its mean loss weighted by its
+        share, so the all-reduced gradient is the gradient of the whole batch's mean loss.
+        """
+        sched, config = self.sched, self.config
+        lam = sched.weight_decay / sched.batch_size  # the reference's L2 scale for the DAE
+        total, n_seen, beta = 0.0, 0, 0.0
+        for rows in _batches(train, sched.batch_size, rng):
+            mine, weight = self.group.shard(rows)
+            x = SparseRows.from_csr(train[mine], self.group.device)
+            if sched.model == "multvae":
+                beta = schedule(state.updates)
+            logits, mu, logvar = net(x)
+            loss = model.neg_log_likelihood(logits, x)
+            if logvar is not None:
+                loss = loss + beta * model.kl_divergence(mu, logvar)
+            if lam > 0:
+                loss = loss + 2 * lam * 0.5 * model.l2_penalty()  # 2 * tf l2_regularizer(lam)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at epoch {epoch}, update {state.updates + 1} "
+                    f"(beta {beta:.4f}, lr {config.lr}); nothing was written. Lower --lr or "
+                    "check the input for extreme values"
+                )
+            optimiser.zero_grad(set_to_none=True)
+            (loss * weight).backward()
+            optimiser.step()
+            state.updates += 1
+            if weight > 0:
+                total += loss.item() * len(mine)
+                n_seen += len(mine)
+        return total, n_seen, beta
 
 
 def train(
@@ -407,22 +557,44 @@ def train(
     *,
     progress: bool = False,
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    group: Group | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
-    """Train on ``split.train``, select the epoch by validation NDCG@100, return the best model."""
+    """Train on ``split.train``, select the epoch by validation NDCG@100, return the best model.
+
+    ``group``: this process's rank in a torchrun job (default: the only process, on
+    ``config.device``); every rank calls this with the same split, and rank 0's result holds
+    the best epoch's weights (the other ranks' the last epoch's). ``checkpointing``: where to
+    checkpoint each epoch and whether to continue that checkpoint (see training.checkpoint).
+    """
     if split.validation.n_users == 0:
         raise TrainingError("the split has no validation users with held-out items")
-    device = resolve_device(config.device)
+    group = group or Group(device=resolve_device(config.device))
     sched = plan(config, split.train.shape[0])
+    if sched.model == "recvae" and group.distributed:
+        raise TrainingError(
+            "RecVAE trains in one process (its alternating encoder and decoder passes are not "
+            "data-parallel): run it without torchrun, or train multvae or multdae"
+        )
     cap = config.anneal_cap
+    if not (cap in ("auto", "auto-single") or (
+        isinstance(cap, float | int) and 0.0 <= float(cap) <= 1.0
+    )):  # fmt: skip
+        raise TrainingError(f"anneal cap must be in [0, 1], 'auto' or 'auto-single', got {cap!r}")
+    resumed = _resume_point(checkpointing, group)
+    loop = _Loop(split, config, sched, group, progress, on_epoch, checkpointing)
     if cap == "auto":
         # Section 2.2.2: anneal towards 1, note beta at the validation peak, retrain to it.
-        search = _run(split, config, sched, 1.0, device, progress, False, on_epoch)
-        result = _run(split, config, sched, search.beta, device, progress, False, on_epoch)
-        result.anneal_search = search.history
-        result.seconds += search.seconds
+        if resumed is None or resumed.phase == "search":
+            search = loop.run(1.0, False, "search", resumed)
+            found, history, seconds = search.beta, search.history, search.seconds
+            resumed = None
+        else:
+            found, history, seconds = resumed.run.cap, resumed.search, resumed.search_seconds
+        result = loop.run(found, False, "final", resumed, (history, seconds))
+        result.anneal_search = history
+        result.seconds += seconds
         return result
     if cap == "auto-single":
-        return _run(split, config, sched, 1.0, device, progress, True, on_epoch)
-    if not isinstance(cap, float | int) or not 0.0 <= float(cap) <= 1.0:
-        raise TrainingError(f"anneal cap must be in [0, 1], 'auto' or 'auto-single', got {cap!r}")
-    return _run(split, config, sched, float(cap), device, progress, False, on_epoch)
+        return loop.run(1.0, True, "final", resumed)
+    return loop.run(float(cap), False, "final", resumed)

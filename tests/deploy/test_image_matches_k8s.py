@@ -1,4 +1,5 @@
-"""The k8s manifests agree with the image: its user, port, probes and entry point.
+"""The k8s manifests agree with the image: its user, port, probes and entry point, and the
+distributed training Job (deploy/k8s/distributed-train) launches torchrun as the image has it.
 
 Checked twice: against the configuration the Dockerfile declares, and against the built image
 (`docker image inspect`; the image deploy/smoke-test.sh builds, $SMOKE_IMAGE). Without a Docker
@@ -21,6 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
+DISTRIBUTED = K8S / "distributed-train"
 DOCKERFILE = ROOT / "Dockerfile"
 IMAGE = os.environ.get("SMOKE_IMAGE", "multvae-rec:smoke")
 
@@ -159,9 +161,66 @@ def test_the_built_image_has_the_commands_the_manifests_run() -> None:
     probe = subprocess.run(
         [docker, "run", "--rm", "--read-only", "--tmpfs", "/tmp", "--user", config["User"],
          "--entrypoint", "sh", IMAGE, "-c",
-         "command -v multvae-trainer multvae-api multvae && id -u"],
+         "command -v multvae-trainer multvae-api multvae torchrun && id -u"],
         capture_output=True, text=True, check=False, timeout=120,
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split()[-1] == config["User"].split(":")[0]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def _distributed() -> dict[str, dict[str, Any]]:
+    kustomization = yaml.safe_load((DISTRIBUTED / "kustomization.yaml").read_text())
+    docs = [doc for name in kustomization["resources"]
+            for doc in yaml.safe_load_all((DISTRIBUTED / name).read_text()) if doc]  # fmt: skip
+    return {doc["kind"]: doc for doc in docs}
+
+
+def test_the_distributed_job_runs_torchrun_over_the_image(image_config: dict[str, Any]) -> None:
+    from torch.distributed.run import parse_args
+
+    from multvae_cli import build_parser
+
+    docs = _distributed()
+    job, service = docs["Job"], docs["Service"]
+    pod = _pod(job)
+    [container] = pod["containers"]
+    security = pod["securityContext"]
+    uid, _, gid = str(image_config["User"]).partition(":")
+    assert (security["runAsUser"], security["runAsGroup"]) == (int(uid), int(gid or uid))
+    assert container["image"] == "multvae-rec"
+    # The image has no ENTRYPOINT, so `command` replaces its CMD: torchrun, which the image's
+    # virtualenv has with torch, runs the CLI package as a module (python -m multvae_cli).
+    assert image_config["Entrypoint"] is None
+    assert container["command"] == ["torchrun"]
+    launch = parse_args(container["args"])
+    assert (launch.module, launch.training_script) == (True, "multvae_cli")
+    # The build stage installs that package into the virtualenv the final stage copies.
+    assert re.search(r"^COPY multvae_cli ", DOCKERFILE.read_text(), flags=re.MULTILINE)
+    # One pod per node of the rendezvous, all at once, each with its own index.
+    nodes = int(launch.nnodes)
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == nodes > 1
+    # The rendezvous: pod 0's stable DNS name under the headless Service, on its port.
+    assert launch.rdzv_backend == "c10d"
+    host, port = launch.rdzv_endpoint.rsplit(":", 1)
+    name = job["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert pod["subdomain"] == service["metadata"]["name"]
+    assert host == f"{name}-0.{service['metadata']['name']}"
+    assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+    assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+    assert [p["containerPort"] for p in container["ports"]] == [int(port)]
+    # The training command is one `multvae train` accepts; a restarted rank resumes.
+    args = build_parser().parse_args(launch.training_script_args)
+    assert args.command == "train"
+    assert args.resume is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert args.out in mounts
+    assert not mounts[args.out].get("readOnly", False)
+    assert any(args.data.startswith(path + "/") for path in mounts)
+    # Threads per process x processes fit the pod's CPU request.
+    [threads] = [int(e["value"]) for e in container["env"] if e["name"] == "OMP_NUM_THREADS"]
+    assert threads * int(launch.nproc_per_node) <= int(container["resources"]["requests"]["cpu"])
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]  # torchrun's files
