@@ -36,6 +36,7 @@ from multvae.model import Likelihood, ModelConfig, ModelKind, MultVAE, SparseRow
 from multvae.ranking import ndcg_at_k
 from multvae.recommend import rank_rows
 from training.dataset import HeldOut, Split
+from training.sampled import Objective, SampledSoftmax, full_softmax
 
 AnnealCap = float | Literal["auto", "auto-single"]
 # Below this many training users the default kind is Mult-DAE [I -> 200 -> I], from it
@@ -70,6 +71,9 @@ class TrainConfig:
     # updating the encoder (input dropout on), the prior refresh, then one decoder pass.
     gamma: float = 0.005
     encoder_epochs: int = 3
+    # Sampled softmax (training.sampled): this many items drawn per batch estimate the
+    # multinomial's normaliser; None = the full softmax over every item (the paper's).
+    sampled_softmax: int | None = None
 
     @classmethod
     def paper(
@@ -323,6 +327,9 @@ def _run(
     recvae = RecVAESteps(model, config, sched) if sched.model == "recvae" else None
     lam = sched.weight_decay / sched.batch_size  # the reference's L2 scale for the DAE
     train = sp.csr_matrix(split.train, dtype=np.float32)
+    objective: Objective = full_softmax
+    if config.sampled_softmax is not None:
+        objective = SampledSoftmax.from_clicks(train, config.sampled_softmax, device)
     updates, best, best_epoch, best_beta = 0, -1.0, 0, 0.0
     best_state: dict[str, torch.Tensor] = {}
     schedule = BetaSchedule(cap, sched.total_anneal_steps, freeze_on_drop)
@@ -342,8 +349,7 @@ def _run(
                 x = SparseRows.from_csr(train[rows], device)
                 if sched.model == "multvae":
                     beta = schedule(updates)
-                logits, mu, logvar = model(x)
-                loss = model.neg_log_likelihood(logits, x)
+                loss, mu, logvar = objective(model, x)
                 if logvar is not None:
                     loss = loss + beta * model.kl_divergence(mu, logvar)
                 if lam > 0:
@@ -413,6 +419,19 @@ def train(
         raise TrainingError("the split has no validation users with held-out items")
     device = resolve_device(config.device)
     sched = plan(config, split.train.shape[0])
+    if config.sampled_softmax is not None:
+        if config.sampled_softmax < 1:
+            raise TrainingError(
+                f"--sampled-softmax needs >= 1 sampled item per batch, got "
+                f"{config.sampled_softmax}"
+            )
+        if sched.model == "recvae" or config.likelihood != "multinomial":
+            raise TrainingError(
+                "the sampled softmax estimates the multinomial likelihood of Mult-VAE or "
+                f"Mult-DAE; it does not apply to model {sched.model} with likelihood "
+                f"{config.likelihood} (drop --sampled-softmax, or use --model multvae|multdae "
+                "--likelihood multinomial)"
+            )
     cap = config.anneal_cap
     if cap == "auto":
         # Section 2.2.2: anneal towards 1, note beta at the validation peak, retrain to it.
