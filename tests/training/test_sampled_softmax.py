@@ -3,6 +3,7 @@ likelihood that touches only the sampled and clicked rows, and trains as well as
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ from training.split import strong_generalisation_split
 from training.synthetic import generate
 from training.train import TrainConfig, train
 
+# The estimator tests run where MULTVAE_TEST_DEVICE says (cuda on a GPU machine).
+DEVICE = os.environ.get("MULTVAE_TEST_DEVICE", "cpu")
 FAST = {"device": "cpu", "latent_dim": 32, "hidden_dims": (), "patience": None}
 # Test NDCG@100 of the sampled softmax (50 of 500 items per batch) against the full softmax on
 # the same data and schedule: within 0.04, about 2.5 standard errors of either (0.016).
@@ -40,11 +43,11 @@ def _batch(
     n_users: int = 20, n_items: int = 50, density: float = 0.2
 ) -> tuple[MultVAE, sp.csr_matrix, SparseRows]:
     torch.manual_seed(0)
-    model = MultVAE(ModelConfig(p_dims=(8, 16, n_items))).eval()
+    model = MultVAE(ModelConfig(p_dims=(8, 16, n_items))).to(DEVICE).eval()
     x = sp.random(n_users, n_items, density=density, random_state=1, format="csr",
                   dtype=np.float32)  # fmt: skip
     x.data[:] = np.arange(len(x.data)) % 3 + 1  # click counts 1-3: the weights count too
-    return model, x, SparseRows.from_csr(x)
+    return model, x, SparseRows.from_csr(x, DEVICE)
 
 
 @pytest.mark.parametrize("proposal", ["popularity", "uniform"])
@@ -52,8 +55,8 @@ def test_many_samples_give_the_full_softmax_likelihood(proposal: str) -> None:
     model, x, rows = _batch()
     full = full_softmax(model, rows)[0].item()
     sampler = (
-        SampledSoftmax.from_clicks(x, 200_000) if proposal == "popularity"
-        else SampledSoftmax(torch.ones(x.shape[1]), 200_000)
+        SampledSoftmax.from_clicks(x, 200_000, DEVICE) if proposal == "popularity"
+        else SampledSoftmax(torch.ones(x.shape[1], device=DEVICE), 200_000)
     )  # fmt: skip
     torch.manual_seed(1)
     assert sampler(model, rows)[0].item() == pytest.approx(full, rel=2e-3)
@@ -61,15 +64,15 @@ def test_many_samples_give_the_full_softmax_likelihood(proposal: str) -> None:
 
 def test_only_the_clicked_and_sampled_rows_of_the_output_layer_get_gradient() -> None:
     model, x, rows = _batch(n_users=3, n_items=400, density=0.02)
-    sampler = SampledSoftmax(torch.ones(400), 10)
+    sampler = SampledSoftmax(torch.ones(400, device=DEVICE), 10)
     torch.manual_seed(2)
     draws = torch.multinomial(sampler.proposal, 10, replacement=True)
     torch.manual_seed(2)  # the model is in eval mode: the draw is the loss's only randomness
     sampler(model, rows)[0].backward()
-    touched = set(x.indices.tolist()) | set(draws.tolist())
+    touched = set(x.indices.tolist()) | set(draws.cpu().tolist())
     grad = model.output_layer.weight.grad
     assert grad is not None
-    assert set(torch.nonzero(grad.abs().sum(dim=1)).ravel().tolist()) == touched
+    assert set(torch.nonzero(grad.abs().sum(dim=1)).ravel().cpu().tolist()) == touched
     assert len(touched) < 40
 
 
