@@ -1,17 +1,21 @@
 """A million-item catalogue: sampled-softmax training, and exact vs FAISS-index top-100.
 
     nice -n 5 python bench/large_catalogue.py --work /tmp/large [--updates 60]
-        [--full-updates 3] [--samples 8192] [--hidden 200] [--latent 64] [--device cpu]
-        [--factory HNSW32,Flat] [--search efSearch=64,efSearch=128,efSearch=256]
+        [--full-updates 3] [--samples 8192] [--hidden 200] [--latent 64] [--batch 500]
+        [--memory-limit-gb 11] [--device cpu] [--factory HNSW32,Flat]
+        [--search efSearch=64,efSearch=128,efSearch=256] [--stage all|prepare|train|serve]
 
 1. Data: ``training.synthetic``'s ``1m-items`` shape (200,000 users x 1,000,000 items, 10M
    play counts, every play a click); 2,000 random users are held out as serving histories.
 2. Training, each objective in a fresh process so its peak RSS is its own: Mult-VAE
-   [I -> hidden -> latent -> hidden -> I], batch 500, Adam 1e-3, beta 0.2, for a bounded
+   [I -> hidden -> latent -> hidden -> I], batch 500 (``--batch``), Adam 1e-3, beta 0.2, for a
+   bounded
    number of updates (not to convergence) after two warm-up updates: the sampled softmax
    (``training.sampled``, ``--samples`` items per batch), then the full softmax (fewer
-   updates: each scores every item for 500 users). Prints users/s and peak RSS; the sampled
-   run's weights are kept for step 3.
+   updates: each scores every item for every user of the batch). Prints users/s and peak
+   RSS; the sampled run's weights are kept for step 3. ``--memory-limit-gb`` caps a training
+   process's address space (RLIMIT_AS), so that a run too big for the machine fails with
+   "out of memory" instead of waking the kernel's OOM killer on a shared machine.
 3. Serving, in a fresh process: the exact Recommender against one with a
    ``multvae.topn_index.TopNIndex`` (built as ``load_serving`` builds it; its build time and
    the RSS it adds are printed), top-100 for one history at a time and for batches of 16,
@@ -43,7 +47,6 @@ from multvae.topn_index import IndexSpec, TopNIndex, require_faiss
 from training.sampled import Objective, SampledSoftmax, full_softmax
 from training.synthetic import generate
 
-BATCH = 500
 HELD_OUT = 2_000
 BETA = 0.2
 
@@ -82,8 +85,21 @@ def prepare(work: Path) -> None:
 
 
 def train_stage(args: argparse.Namespace) -> None:
+    if args.memory_limit_gb:
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        _train(args)
+    except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate"
+        print(json.dumps({"stage": f"train-{args.objective}", "batch": args.batch,
+                          "failed": f"{type(exc).__name__}: {str(exc)[:160]}",
+                          "memory_limit_gb": args.memory_limit_gb,
+                          "peak_rss_mb": round(_peak_mb())}))
+
+
+def _train(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    train = sp.load_npz(args.work / "train.npz").tocsr()
+    train = sp.csr_matrix(sp.load_npz(args.work / "train.npz"))
     n_items = train.shape[1]
     loaded_mb = _rss_mb()
     torch.manual_seed(0)
@@ -96,7 +112,7 @@ def train_stage(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
 
     def step() -> None:
-        rows = rng.choice(train.shape[0], BATCH, replace=False)
+        rows = rng.choice(train.shape[0], args.batch, replace=False)
         x = SparseRows.from_csr(train[rows], device)
         nll, mu, logvar = objective(model, x)
         assert logvar is not None
@@ -121,8 +137,9 @@ def train_stage(args: argparse.Namespace) -> None:
         "stage": f"train-{args.objective}", "machine": _machine(), "device": str(device),
         "architecture": f"[I -> {args.hidden} -> {args.latent} -> {args.hidden} -> I], I={n_items}",
         "samples": args.samples if args.objective == "sampled" else None,
-        "updates": updates, "seconds_per_update": round(seconds / updates, 3),
-        "users_per_s": round(updates * BATCH / seconds, 1),
+        "batch": args.batch, "updates": updates,
+        "seconds_per_update": round(seconds / updates, 3),
+        "users_per_s": round(updates * args.batch / seconds, 1),
         "rss_after_data_mb": round(loaded_mb), "peak_rss_mb": round(_peak_mb()),
     }))
 
@@ -152,7 +169,7 @@ def _recall(exact: list[list[str]], approx: list[list[str]]) -> dict[str, float]
 def serve_stage(args: argparse.Namespace) -> None:
     faiss = require_faiss()
     torch.manual_seed(0)
-    serve = sp.load_npz(args.work / "serve.npz").tocsr()
+    serve = sp.csr_matrix(sp.load_npz(args.work / "serve.npz"))
     n_items = serve.shape[1]
     model = MultVAE(ModelConfig(p_dims=(args.latent, args.hidden, n_items)))
     model.load_state_dict(torch.load(args.work / "model.pt"))
@@ -241,6 +258,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--hidden", type=int, default=200)
     parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--memory-limit-gb", type=float, default=0.0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--factory", default="HNSW32,Flat")
     parser.add_argument("--search", default="efSearch=64,efSearch=128,efSearch=256")
@@ -256,7 +275,7 @@ def main() -> None:
         serve_stage(args)
     else:
         prepare(args.work)
-        passed = [a for a in sys.argv[1:] if not a.startswith("--stage")]
+        passed = sys.argv[1:]
         for stage in (["train", "--objective", "sampled"], ["train", "--objective", "full"],
                       ["serve"]):
             done = subprocess.run([sys.executable, __file__, *passed, "--stage", *stage])

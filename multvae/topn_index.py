@@ -92,12 +92,11 @@ class TopNIndex:
         started = time.perf_counter()
         layer = model.output_layer
         with torch.no_grad():
-            rows = torch.cat([layer.weight, layer.bias[:, None]], dim=1).double()  # (I, d + 1)
-            norms = (rows**2).sum(dim=1)
+            rows = torch.cat([layer.weight, layer.bias[:, None]], dim=1).float()  # (I, d + 1)
+            norms = torch.linalg.vector_norm(rows, dim=1) ** 2
             lift = (norms.max() - norms).clamp_min(0.0).sqrt()
-            vectors = np.ascontiguousarray(
-                torch.cat([rows, lift[:, None]], dim=1).float().cpu().numpy()
-            )  # (I, d + 2)
+            vectors = np.ascontiguousarray(torch.cat([rows, lift[:, None]], dim=1).cpu().numpy())
+            del rows  # (I, d + 2) above: one float32 copy of the layer besides FAISS's own
         self.n_items, self.dim = vectors.shape
         self.index = faiss.index_factory(self.dim, spec.factory, faiss.METRIC_L2)
         if not self.index.is_trained:
