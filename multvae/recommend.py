@@ -176,6 +176,25 @@ class Recommender:
         ]
 
     @torch.no_grad()
+    def index_recall(self, probes: int = 16, n: int = 100) -> float | None:
+        """Mean recall@n of the index's top n against exact scoring (None without an index),
+        over one-item histories spread evenly over the popularity ranking."""
+        if self.index is None:
+            return None
+        order = self._popularity_order
+        picks = order[np.linspace(0, len(order) - 1, min(probes, len(order))).astype(np.int64)]
+        seen = [np.array([c], dtype=np.int64) for c in picks]
+        n = min(n, self.n_items - 1)
+        exact, _ = mask_and_topk(fold_in_scores(self.model, _rows(seen, self.n_items, self.device)),
+                                 seen, n)  # fmt: skip
+        found = self.recommend_batch([Query([self.items.ids[c]], n) for c in picks])
+        ids = self.items.ids
+        return float(np.mean([
+            len({ids[c] for c in want} & {item for item, _ in got.items}) / n
+            for want, got in zip(exact.tolist(), found, strict=True)
+        ]))  # fmt: skip
+
+    @torch.no_grad()
     def _candidate_topk(
         self,
         x: SparseRows,

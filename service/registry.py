@@ -104,7 +104,9 @@ def index_spec(settings: Settings) -> IndexSpec | None:
     """The top-N index the settings ask for; None for exact scoring."""
     if settings.topn_index == "exact":
         return None
-    return IndexSpec(settings.faiss_index, settings.faiss_search, settings.faiss_margin)
+    return IndexSpec(
+        settings.faiss_index, settings.faiss_search, settings.faiss_margin, settings.faiss_metric
+    )
 
 
 def load_serving(
@@ -120,6 +122,8 @@ def load_serving(
     loaded = load_version(model_dir, version, device)
     topn = TopNIndex(loaded.model, index) if index is not None else None
     recommender = Recommender(loaded.model, loaded.items, loaded.version, topn)
+    if topn is not None:
+        topn.probe_recall = recommender.index_recall()
     recommender.check_finite()
     ids = list(recommender.items.ids[:10])
     recommender.recommend_batch([Query(ids, 20), Query([], 20)])
@@ -165,7 +169,8 @@ class ModelRegistry:
             "serving model version %s on %s (%d items; top-N %s; was %s; trigger %s)",
             model.version, model.device, model.recommender.n_items,
             "exact" if index is None
-            else f"by {index.spec.factory} index, built in {index.build_seconds:.1f} s",
+            else f"by {index.spec.factory} index, built in {index.build_seconds:.1f} s, "
+            f"recall@100 {index.probe_recall:.3f} on probe histories",
             old.version if old else None, trigger,
         )  # fmt: skip
 

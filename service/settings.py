@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     # exactly. Needs the faiss extra. Knobs: multvae.topn_index.IndexSpec, docs/serving.md.
     topn_index: Literal["exact", "faiss"] = "exact"
     faiss_index: str = "HNSW32,Flat"
+    faiss_metric: Literal["inner_product", "l2"] = "inner_product"
     faiss_search: str = "efSearch=128"
     faiss_margin: int = Field(default=100, ge=0)
 
@@ -190,7 +191,8 @@ class Settings(BaseSettings):
         if info.data.get("topn_index") == "faiss":
             from multvae.topn_index import IndexSpec
 
-            IndexSpec(info.data.get("faiss_index", ""), value).check()
+            metric = info.data.get("faiss_metric", "inner_product")
+            IndexSpec(info.data.get("faiss_index", ""), value, metric=metric).check()
         return value
 
     @field_validator("log_level")
