@@ -311,12 +311,17 @@ class MultVAE(nn.Module):
         """Decoder logits f_theta(z): (B, K) -> (B, I)."""
         return self.output_layer(self.decode_hidden(z))
 
-    def forward(self, x: SparseRows) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(logits, mu, logvar); z is sampled by reparameterisation in training, z = mu else."""
+    def latent(self, x: SparseRows) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(z, mu, logvar); z is sampled by reparameterisation in training, z = mu else."""
         mu, logvar = self.encode(x)
         z = mu
         if self.training and logvar is not None:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return z, mu, logvar
+
+    def forward(self, x: SparseRows) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(logits, mu, logvar): :meth:`latent`, then the decoder over every item."""
+        z, mu, logvar = self.latent(x)
         return self.decode(z), mu, logvar
 
     # -- objective -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from multvae.errors import UnknownItemError, VerificationError
 from multvae.items import ItemIndex
 from multvae.model import MultVAE, SparseRows
 from multvae.ranking import mask_and_topk, topk_rows
+from multvae.topn_index import TopNIndex
 
 EMPTY = np.zeros(0, dtype=np.int64)
 _NO_SCORES = np.zeros(0, dtype=np.float32)
@@ -79,16 +80,23 @@ class Recommendation:
 class Recommender:
     """Item ids in, ranked ``(item, score)`` out: fold-in with a trained model.
 
-    ``version`` names the model version it serves (empty offline). Blocking: the service
-    calls it on its inference thread.
+    ``version`` names the model version it serves (empty offline). With ``index`` (built
+    over this model), a history's top-N comes from the index's candidates scored exactly;
+    without it (the default) every item is scored. Blocking: the service calls it on its
+    inference thread.
     """
 
-    def __init__(self, model: MultVAE, items: ItemIndex, version: str = "") -> None:
+    def __init__(
+        self, model: MultVAE, items: ItemIndex, version: str = "", index: TopNIndex | None = None
+    ) -> None:
         if model.config.n_items != len(items):
             raise ValueError(f"model has {model.config.n_items} items, index has {len(items)}")
+        if index is not None and index.n_items != len(items):
+            raise ValueError(f"the top-N index has {index.n_items} items, the model {len(items)}")
         self.model = model.eval()
         self.items = items
         self.version = version
+        self.index = index
         self.device = model.input_weight.device
         self._popularity_order = items.popularity_ranking()
         with torch.no_grad():
@@ -143,12 +151,12 @@ class Recommender:
         if model_rows:
             k = min(max(queries[b].n for b in model_rows), self.n_items)
             x = _rows([histories[b] for b in model_rows], self.n_items, self.device)
-            cols, scores = mask_and_topk(
-                fold_in_scores(self.model, x),
-                [np.concatenate([histories[b], excluded[b]]) for b in model_rows],
-                k,
-                [allowed[b] for b in model_rows],
-            )
+            masked = [np.concatenate([histories[b], excluded[b]]) for b in model_rows]
+            limits = [allowed[b] for b in model_rows]
+            if self.index is None:
+                cols, scores = mask_and_topk(fold_in_scores(self.model, x), masked, k, limits)
+            else:
+                cols, scores = self._candidate_topk(x, masked, k, limits)
             for row, b in enumerate(model_rows):
                 keep = np.isfinite(scores[row])
                 n = queries[b].n
@@ -166,6 +174,61 @@ class Recommender:
             )
             for b, (cols, scores) in enumerate(columns)
         ]
+
+    @torch.no_grad()
+    def index_recall(self, probes: int = 16, n: int = 100) -> float | None:
+        """Mean recall@n of the index's top n against exact scoring (None without an index),
+        over one-item histories spread evenly over the popularity ranking."""
+        if self.index is None:
+            return None
+        order = self._popularity_order
+        picks = order[np.linspace(0, len(order) - 1, min(probes, len(order))).astype(np.int64)]
+        seen = [np.array([c], dtype=np.int64) for c in picks]
+        n = min(n, self.n_items - 1)
+        exact, _ = mask_and_topk(fold_in_scores(self.model, _rows(seen, self.n_items, self.device)),
+                                 seen, n)  # fmt: skip
+        found = self.recommend_batch([Query([self.items.ids[c]], n) for c in picks])
+        ids = self.items.ids
+        return float(np.mean([
+            len({ids[c] for c in want} & {item for item, _ in got.items}) / n
+            for want, got in zip(exact.tolist(), found, strict=True)
+        ]))  # fmt: skip
+
+    @torch.no_grad()
+    def _candidate_topk(
+        self,
+        x: SparseRows,
+        masked: list[NDArray[np.int64]],
+        k: int,
+        allowed: list[NDArray[np.int64] | None],
+    ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """:func:`mask_and_topk` over each row's candidates only: the index's proposals (or
+        the query's own ``candidates``), scored exactly by the output layer."""
+        assert self.index is not None
+        hidden = self.model.decode_hidden(self.model.encode(x)[0])  # (B, d)
+        wanted = k + max(len(m) for m in masked) + self.index.spec.margin
+        proposed = self.index.propose(hidden, wanted) if any(a is None for a in allowed) else None
+        rows = []
+        for b, limit in enumerate(allowed):
+            if limit is not None:
+                rows.append(np.unique(limit))
+            else:
+                assert proposed is not None
+                rows.append(proposed[b][proposed[b] >= 0])
+        width = max(max(len(r) for r in rows), 1)
+        columns = np.full((len(rows), width), -1, dtype=np.int64)
+        scores = torch.full((len(rows), width), -torch.inf, device=hidden.device)
+        layer = self.model.output_layer
+        for b, cand in enumerate(rows):
+            columns[b, : len(cand)] = cand
+            at = torch.from_numpy(cand).to(hidden.device)
+            scores[b, : len(cand)] = layer.weight[at] @ hidden[b] + layer.bias[at]
+        local = [
+            np.flatnonzero((columns[b] < 0) | np.isin(columns[b], masked[b]))
+            for b in range(len(rows))
+        ]
+        picked, values = mask_and_topk(scores, local, k)
+        return np.take_along_axis(columns, picked, axis=1), values
 
     @torch.no_grad()
     def similar(

@@ -32,6 +32,7 @@ import torch
 from multvae.artifacts import ModelVersion, current_version, load_version
 from multvae.errors import ArtifactError
 from multvae.recommend import Query, Recommender
+from multvae.topn_index import IndexSpec, TopNIndex
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -81,6 +82,10 @@ class Served:
             "created_at": self.loaded.created_at,
             "loaded_at": datetime.fromtimestamp(self.loaded_at, UTC).isoformat(),
             "architecture": dict(self.loaded.config.get("model", {})),
+            "topn_index": (
+                {"kind": "exact"} if self.recommender.index is None
+                else self.recommender.index.describe()
+            ),
             "metrics": metrics_summary(self.loaded.metrics),
         }
 
@@ -95,15 +100,30 @@ def metrics_summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_serving(model_dir: Path, version: str | None, device: torch.device) -> Served:
+def index_spec(settings: Settings) -> IndexSpec | None:
+    """The top-N index the settings ask for; None for exact scoring."""
+    if settings.topn_index == "exact":
+        return None
+    return IndexSpec(
+        settings.faiss_index, settings.faiss_search, settings.faiss_margin, settings.faiss_metric
+    )
+
+
+def load_serving(
+    model_dir: Path, version: str | None, device: torch.device, index: IndexSpec | None = None
+) -> Served:
     """Blocking: read, verify, rebuild and warm up one version (default: CURRENT's).
 
-    The warm-up folds in probe histories, so the first request pays no lazy initialisation
-    and a model whose scores are not finite is refused before it serves. Raises
-    :class:`ArtifactError` (or its :class:`VerificationError`) when it may not serve.
+    With ``index``, the version's top-N index is built here, so it is swapped with the
+    version. The warm-up folds in probe histories, so the first request pays no lazy
+    initialisation and a model whose scores are not finite is refused before it serves.
+    Raises :class:`ArtifactError` (or its :class:`VerificationError`) when it may not serve.
     """
     loaded = load_version(model_dir, version, device)
-    recommender = Recommender(loaded.model, loaded.items, loaded.version)
+    topn = TopNIndex(loaded.model, index) if index is not None else None
+    recommender = Recommender(loaded.model, loaded.items, loaded.version, topn)
+    if topn is not None:
+        topn.probe_recall = recommender.index_recall()
     recommender.check_finite()
     ids = list(recommender.items.ids[:10])
     recommender.recommend_batch([Query(ids, 20), Query([], 20)])
@@ -133,7 +153,9 @@ class ModelRegistry:
         self._sighup = False
 
     def _load(self, version: str | None) -> Served:
-        return load_serving(self.settings.model_dir, version, self.device)
+        return load_serving(
+            self.settings.model_dir, version, self.device, index_spec(self.settings)
+        )
 
     def _swap(self, model: Served, trigger: Trigger) -> None:
         old = self.current
@@ -142,9 +164,13 @@ class ModelRegistry:
             model.version, str(model.device), model.recommender.n_items, model.loaded_at
         )
         self.metrics.reloads.labels("success", trigger).inc()
+        index = model.recommender.index
         log.info(
-            "serving model version %s on %s (%d items; was %s; trigger %s)",
+            "serving model version %s on %s (%d items; top-N %s; was %s; trigger %s)",
             model.version, model.device, model.recommender.n_items,
+            "exact" if index is None
+            else f"by {index.spec.factory} index, built in {index.build_seconds:.1f} s, "
+            f"recall@100 {index.probe_recall:.3f} on probe histories",
             old.version if old else None, trigger,
         )  # fmt: skip
 

@@ -145,6 +145,9 @@ class ModelInfo(BaseModel):
     created_at: str
     loaded_at: str
     architecture: dict[str, Any]
+    # How top-N is found: {"kind": "exact"}, or the FAISS index's factory, search
+    # parameters, margin and build time (MULTVAE_TOPN_INDEX).
+    topn_index: dict[str, Any]
     metrics: dict[str, Any]
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -73,6 +74,15 @@ class Settings(BaseSettings):
     # while a pass runs: on a quiet 2-core machine two threads doubled cache-miss throughput at
     # concurrency 32 (bench/RESULTS.md). On a box shared with other busy processes, 1 is better.
     torch_threads: int | None = Field(default=None, ge=1)
+
+    # Top-N: "exact" scores every item (the default); "faiss" takes candidates from an
+    # inner-product index over the output layer (built when a version loads) and scores them
+    # exactly. Needs the faiss extra. Knobs: multvae.topn_index.IndexSpec, docs/serving.md.
+    topn_index: Literal["exact", "faiss"] = "exact"
+    faiss_index: str = "HNSW32,Flat"
+    faiss_metric: Literal["inner_product", "l2"] = "inner_product"
+    faiss_search: str = "efSearch=128"
+    faiss_margin: int = Field(default=100, ge=0)
 
     # Cache: Redis when a URL is set, else an in-process LRU.
     redis_url: str | None = None
@@ -161,6 +171,29 @@ class Settings(BaseSettings):
         if parts.scheme != "unix" and db and not db.isdigit():
             raise ValueError(f"the database after the host must be a number, not {db!r}")
         return value.strip()
+
+    @field_validator("topn_index")
+    @classmethod
+    def _faiss_installed(cls, value: str) -> str:
+        if value == "faiss":
+            from multvae.topn_index import require_faiss
+
+            try:
+                require_faiss()
+            except ImportError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("faiss_search")
+    @classmethod
+    def _faiss_parameters(cls, value: str, info: ValidationInfo) -> str:
+        # Both strings are checked at start-up, when faiss is on (fields after topn_index).
+        if info.data.get("topn_index") == "faiss":
+            from multvae.topn_index import IndexSpec
+
+            metric = info.data.get("faiss_metric", "inner_product")
+            IndexSpec(info.data.get("faiss_index", ""), value, metric=metric).check()
+        return value
 
     @field_validator("log_level")
     @classmethod

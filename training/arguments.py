@@ -197,6 +197,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--encoder-epochs", type=positive_int,
         help="RecVAE: encoder passes per decoder pass in each epoch (default 3)",
     )
+    g.add_argument(
+        "--sampled-softmax", type=positive_int, metavar="N",
+        help="train with a sampled softmax: N items drawn per batch (popularity^0.75, log-Q "
+        "corrected) estimate the normaliser instead of scoring every item; for catalogues of "
+        "100,000s of items (default: the full softmax, the paper's; docs/training.md)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -218,6 +224,7 @@ CONFIG_FLAGS = (
     "seed",
     "gamma",
     "encoder_epochs",
+    "sampled_softmax",
 )
 
 

@@ -493,7 +493,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=cmd_similar)
 
     p = subparsers.add_parser("generate", help="write synthetic clustered interaction data")
-    p.add_argument("--shape", required=True, help="small, ml-20m, netflix or msd")
+    p.add_argument("--shape", required=True, help="small, ml-20m, netflix, msd or 1m-items")
     p.add_argument(
         "--out", required=True,
         help=f"output file; its suffix picks the format ({', '.join(SUFFIX_FORMATS)})",

@@ -55,6 +55,9 @@ SHAPE_SPECS: dict[str, Shape] = {
     "msd": Shape(571_355, 41_140, 33_600_000, 100, "count", min_user_clicks=20,
                  min_item_users=200,
                  description="MSD after preprocessing: 571,355 x 41,140, 33.6M play counts"),
+    "1m-items": Shape(200_000, 1_000_000, 10_000_000, 1_000, "count",
+                      description="a million-item catalogue: 200,000 users x 1,000,000 items, "
+                      "10M play counts, 1,000 clusters (bench/large_catalogue.py)"),
 }
 SHAPES: dict[str, str] = {name: spec.description for name, spec in SHAPE_SPECS.items()}
 WRITE_FORMATS = ("csv", "tsv", "parquet", "msd")

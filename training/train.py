@@ -45,6 +45,7 @@ from training import checkpoint
 from training.checkpoint import Checkpointing
 from training.dataset import HeldOut, Split
 from training.distributed import Group
+from training.sampled import SampledSoftmax
 
 AnnealCap = float | Literal["auto", "auto-single"]
 # Below this many training users the default kind is Mult-DAE [I -> 200 -> I], from it
@@ -79,6 +80,9 @@ class TrainConfig:
     # updating the encoder (input dropout on), the prior refresh, then one decoder pass.
     gamma: float = 0.005
     encoder_epochs: int = 3
+    # Sampled softmax (training.sampled): this many items drawn per batch estimate the
+    # multinomial's normaliser; None = the full softmax over every item (the paper's).
+    sampled_softmax: int | None = None
 
     @classmethod
     def paper(
@@ -411,6 +415,7 @@ class _Loop:
     progress: bool
     on_epoch: Callable[[EpochRecord], None] | None
     checkpointing: Checkpointing | None
+    sampled: SampledSoftmax | None = None  # None: the full softmax (the paper's)
 
     def run(
         self,
@@ -529,8 +534,11 @@ class _Loop:
             x = SparseRows.from_csr(train[mine], self.group.device)
             if sched.model == "multvae":
                 beta = schedule(state.updates)
-            logits, mu, logvar = net(x)
-            loss = model.neg_log_likelihood(logits, x)
+            if self.sampled is not None:  # one process only: train() refuses it under torchrun
+                loss, mu, logvar = self.sampled(model, x)
+            else:
+                logits, mu, logvar = net(x)
+                loss = model.neg_log_likelihood(logits, x)
             if logvar is not None:
                 loss = loss + beta * model.kl_divergence(mu, logvar)
             if lam > 0:
@@ -576,13 +584,35 @@ def train(
             "RecVAE trains in one process (its alternating encoder and decoder passes are not "
             "data-parallel): run it without torchrun, or train multvae or multdae"
         )
+    if config.sampled_softmax is not None:
+        if config.sampled_softmax < 1:
+            raise TrainingError(
+                f"--sampled-softmax needs >= 1 sampled item per batch, got "
+                f"{config.sampled_softmax}"
+            )
+        if sched.model == "recvae" or config.likelihood != "multinomial":
+            raise TrainingError(
+                "the sampled softmax estimates the multinomial likelihood of Mult-VAE or "
+                f"Mult-DAE; it does not apply to model {sched.model} with likelihood "
+                f"{config.likelihood} (drop --sampled-softmax, or use --model multvae|multdae "
+                "--likelihood multinomial)"
+            )
+        if group.distributed:
+            raise TrainingError(
+                "--sampled-softmax trains in one process (its gathered output rows bypass "
+                "DistributedDataParallel's gradient averaging): run it without torchrun"
+            )
     cap = config.anneal_cap
     if not (cap in ("auto", "auto-single") or (
         isinstance(cap, float | int) and 0.0 <= float(cap) <= 1.0
     )):  # fmt: skip
         raise TrainingError(f"anneal cap must be in [0, 1], 'auto' or 'auto-single', got {cap!r}")
     resumed = _resume_point(checkpointing, group)
-    loop = _Loop(split, config, sched, group, progress, on_epoch, checkpointing)
+    sampled = None
+    if config.sampled_softmax is not None:
+        train_rows = sp.csr_matrix(split.train, dtype=np.float32)
+        sampled = SampledSoftmax.from_clicks(train_rows, config.sampled_softmax, group.device)
+    loop = _Loop(split, config, sched, group, progress, on_epoch, checkpointing, sampled)
     if cap == "auto":
         # Section 2.2.2: anneal towards 1, note beta at the validation peak, retrain to it.
         if resumed is None or resumed.phase == "search":

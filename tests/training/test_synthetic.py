@@ -17,7 +17,7 @@ from training.synthetic import SHAPE_SPECS, SHAPES, generate, generate_with_trut
 
 
 def test_shapes_carry_the_papers_sizes() -> None:
-    assert set(SHAPES) == {"small", "ml-20m", "netflix", "msd"}
+    assert set(SHAPES) == {"small", "ml-20m", "netflix", "msd", "1m-items"}
     sizes = {name: (s.n_users, s.n_items, s.n_clicks) for name, s in SHAPE_SPECS.items()}
     assert sizes["ml-20m"] == (136_677, 20_108, 10_000_000)
     assert sizes["netflix"] == (463_435, 17_769, 56_900_000)

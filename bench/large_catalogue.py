@@ -1,0 +1,293 @@
+"""A million-item catalogue: sampled-softmax training, and exact vs FAISS-index top-100.
+
+    nice -n 5 python bench/large_catalogue.py --work /tmp/large [--updates 60]
+        [--full-updates 3] [--samples 8192] [--hidden 200] [--latent 64] [--batch 500]
+        [--memory-limit-gb 11] [--device cpu] [--factory HNSW32,Flat] [--metric inner_product]
+        [--metric-check]
+        [--search efSearch=64,efSearch=128,efSearch=256] [--stage all|prepare|train|serve]
+
+1. Data: ``training.synthetic``'s ``1m-items`` shape (200,000 users x 1,000,000 items, 10M
+   play counts, every play a click); 2,000 random users are held out as serving histories.
+2. Training, each objective in a fresh process so its peak RSS is its own: Mult-VAE
+   [I -> hidden -> latent -> hidden -> I], batch 500 (``--batch``), Adam 1e-3, beta 0.2, for a
+   bounded
+   number of updates (not to convergence) after two warm-up updates: the sampled softmax
+   (``training.sampled``, ``--samples`` items per batch), then the full softmax (fewer
+   updates: each scores every item for every user of the batch). Prints users/s and peak
+   RSS; the sampled run's weights are kept for step 3. ``--memory-limit-gb`` caps a training
+   process's address space (RLIMIT_AS), so that a run too big for the machine fails with
+   "out of memory" instead of waking the kernel's OOM killer on a shared machine.
+3. Serving, in a fresh process: the exact Recommender against one with a
+   ``multvae.topn_index.TopNIndex`` (built as ``load_serving`` builds it; its build time and
+   the RSS it adds are printed), top-100 for one history at a time and for batches of 16,
+   p50/p99 latency, recall@100 of the index's answer against the exact one, for each
+   ``--search`` setting; with ``--metric-check``, the recall of both metrics (inner product,
+   L2 reduction) on the first 100,000 items.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from multvae.items import ItemIndex
+from multvae.model import ModelConfig, MultVAE, SparseRows
+from multvae.recommend import Query, Recommender
+from multvae.topn_index import IndexSpec, TopNIndex, require_faiss
+from training.sampled import Objective, SampledSoftmax, full_softmax
+from training.synthetic import generate
+
+HELD_OUT = 2_000
+BETA = 0.2
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _machine() -> str:
+    load = os.getloadavg()
+    return (f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} "
+            f"threads), load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}")
+
+
+def prepare(work: Path) -> None:
+    tic = time.perf_counter()
+    inter = generate("1m-items", seed=0)
+    n_users, n_items = len(inter.user_ids), len(inter.item_ids)
+    clicks = sp.csr_matrix(
+        (np.ones(len(inter), dtype=np.float32), (inter.user, inter.item)), shape=(n_users, n_items)
+    )
+    clicks.sum_duplicates()
+    clicks.data[:] = 1.0
+    order = np.random.default_rng(0).permutation(n_users)
+    sp.save_npz(work / "train.npz", clicks[np.sort(order[HELD_OUT:])])
+    sp.save_npz(work / "serve.npz", clicks[np.sort(order[:HELD_OUT])])
+    print(json.dumps({"stage": "prepare", "users": n_users, "items": n_items,
+                      "clicks": int(clicks.nnz), "seconds": round(time.perf_counter() - tic, 1)}))
+
+
+def train_stage(args: argparse.Namespace) -> None:
+    if args.memory_limit_gb:
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        _train(args)
+    except (MemoryError, RuntimeError) as exc:  # torch: "DefaultCPUAllocator: can't allocate"
+        print(json.dumps({"stage": f"train-{args.objective}", "batch": args.batch,
+                          "failed": f"{type(exc).__name__}: {str(exc)[:160]}",
+                          "memory_limit_gb": args.memory_limit_gb,
+                          "peak_rss_mb": round(_peak_mb())}))
+
+
+def _train(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    train = sp.csr_matrix(sp.load_npz(args.work / "train.npz"))
+    n_items = train.shape[1]
+    loaded_mb = _rss_mb()
+    torch.manual_seed(0)
+    model = MultVAE(ModelConfig(p_dims=(args.latent, args.hidden, n_items))).to(device).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    objective: Objective = full_softmax
+    if args.objective == "sampled":
+        objective = SampledSoftmax.from_clicks(train, args.samples, device)
+    updates = args.updates if args.objective == "sampled" else args.full_updates
+    rng = np.random.default_rng(0)
+
+    def step() -> None:
+        rows = rng.choice(train.shape[0], args.batch, replace=False)
+        x = SparseRows.from_csr(train[rows], device)
+        nll, mu, logvar = objective(model, x)
+        assert logvar is not None
+        loss = nll + BETA * model.kl_divergence(mu, logvar)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(updates):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - tic
+    if args.objective == "sampled":
+        torch.save(model.state_dict(), args.work / "model.pt")
+    print(json.dumps({
+        "stage": f"train-{args.objective}", "machine": _machine(), "device": str(device),
+        "architecture": f"[I -> {args.hidden} -> {args.latent} -> {args.hidden} -> I], I={n_items}",
+        "samples": args.samples if args.objective == "sampled" else None,
+        "batch": args.batch, "updates": updates,
+        "seconds_per_update": round(seconds / updates, 3),
+        "users_per_s": round(updates * args.batch / seconds, 1),
+        "rss_after_data_mb": round(loaded_mb), "peak_rss_mb": round(_peak_mb()),
+    }))
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2)}
+
+
+def _timed(rec: Recommender, batches: list[list[Query]]) -> tuple[list[float], list[list[str]]]:
+    times, answers = [], []
+    for batch in batches:
+        tic = time.perf_counter()
+        out = rec.recommend_batch(batch)
+        times.append(time.perf_counter() - tic)
+        answers += [[item for item, _ in r.items] for r in out]
+    return times, answers
+
+
+def _recall(exact: list[list[str]], approx: list[list[str]]) -> dict[str, float]:
+    per = [len(set(a) & set(e)) / max(len(e), 1) for e, a in zip(exact, approx, strict=True)]
+    return {"recall_at_100_mean": round(float(np.mean(per)), 4),
+            "recall_at_100_min": round(float(np.min(per)), 4)}
+
+
+def serve_stage(args: argparse.Namespace) -> None:
+    faiss = require_faiss()
+    torch.manual_seed(0)
+    serve = sp.csr_matrix(sp.load_npz(args.work / "serve.npz"))
+    n_items = serve.shape[1]
+    model = MultVAE(ModelConfig(p_dims=(args.latent, args.hidden, n_items)))
+    model.load_state_dict(torch.load(args.work / "model.pt"))
+    model.eval()
+    items = ItemIndex.build([str(c) for c in range(n_items)], np.ones(n_items, dtype=np.int64))
+    histories = [
+        [str(c) for c in serve.indices[serve.indptr[u] : serve.indptr[u + 1]]]
+        for u in range(serve.shape[0])
+    ]
+    singles = [[Query(h, 100)] for h in histories[: args.singles]]
+    batches = [
+        [Query(h, 100) for h in histories[i : i + 16]]
+        for i in range(0, 16 * args.batches, 16)
+    ]
+    exact = Recommender(model, items)
+    _timed(exact, singles[:5])  # warm-up
+    single_t, single_exact = _timed(exact, singles)
+    batch_t, batch_exact = _timed(exact, batches)
+    out: dict[str, Any] = {
+        "stage": "serve", "machine": _machine(), "faiss": faiss.__version__,
+        "faiss_threads": faiss.omp_get_max_threads(), "items": n_items,
+        "mean_history": round(float(np.mean([len(h) for h in histories])), 1),
+        "exact": {"single": _percentiles(single_t), "batch16": _percentiles(batch_t)},
+    }
+    before = _rss_mb()
+    index = TopNIndex(model, IndexSpec(args.factory, "", 100, args.metric))
+    out["index"] = {"factory": args.factory, "metric": args.metric,
+                    "build_seconds": round(index.build_seconds, 1),
+                    "rss_added_mb": round(_rss_mb() - before)}
+    indexed = Recommender(model, items, index=index)
+    for search in args.search.split(","):
+        faiss.ParameterSpace().set_index_parameters(index.index, search)
+        _timed(indexed, singles[:5])
+        s_t, s_ans = _timed(indexed, singles)
+        b_t, b_ans = _timed(indexed, batches)
+        single, batch = _percentiles(s_t), _percentiles(b_t)
+        out[search] = {
+            "single": single, "batch16": batch,
+            **_recall(single_exact + batch_exact, s_ans + b_ans),
+            "speedup_p50_single": round(out["exact"]["single"]["p50_ms"] / single["p50_ms"], 1),
+            "speedup_p50_batch16": round(out["exact"]["batch16"]["p50_ms"] / batch["p50_ms"], 1),
+        }
+        print(json.dumps({search: out[search]}), flush=True)
+    del indexed, index
+    if args.metric_check:
+        out["metric_check"] = _metric_check(faiss, model, histories[: args.singles])
+    print(json.dumps(out, indent=1))
+
+
+def _metric_check(faiss: Any, model: MultVAE, histories: list[list[str]]) -> dict[str, Any]:
+    """Recall@100 over the first 100,000 items: inner-product metric vs the L2 reduction."""
+    part = 100_000
+    layer = model.output_layer
+    with torch.no_grad():
+        vectors = torch.cat([layer.weight[:part], layer.bias[:part, None]], 1).numpy()
+        cols = [np.array([int(c) for c in h], dtype=np.int64) for h in histories]
+        x = sp.csr_matrix(
+            (np.ones(sum(map(len, cols)), np.float32), np.concatenate(cols),
+             np.r_[0, np.cumsum([len(c) for c in cols])]),
+            shape=(len(cols), layer.weight.shape[0]),
+        )  # fmt: skip
+        hidden = model.decode_hidden(model.encode(SparseRows.from_csr(x))[0])
+        queries = torch.cat([hidden, torch.ones(len(cols), 1)], 1).numpy()
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :100]
+    norms = (vectors.astype(np.float64) ** 2).sum(1)
+    lifted = np.c_[vectors, np.sqrt(norms.max() - norms)].astype(np.float32)
+    out = {}
+    for name, metric, base, q in (
+        ("inner_product", faiss.METRIC_INNER_PRODUCT, vectors, queries),
+        ("l2_reduction", faiss.METRIC_L2, lifted, np.c_[queries, np.zeros(len(queries))]),
+    ):
+        index = faiss.index_factory(base.shape[1], "HNSW32,Flat", metric)
+        index.add(np.ascontiguousarray(base, dtype=np.float32))
+        faiss.ParameterSpace().set_index_parameters(index, "efSearch=128")
+        found = index.search(np.ascontiguousarray(q, dtype=np.float32), 100)[1]
+        out[name] = round(float(np.mean([len(set(f) & set(t)) / 100
+                                         for f, t in zip(found, truth, strict=True)])), 4)
+    return {"items": part, "index": "HNSW32,Flat efSearch=128", "recall_at_100": out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--stage", choices=("all", "prepare", "train", "serve"), default="all")
+    parser.add_argument("--objective", choices=("sampled", "full"), default="sampled")
+    parser.add_argument("--updates", type=int, default=60)
+    parser.add_argument("--full-updates", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=8192)
+    parser.add_argument("--hidden", type=int, default=200)
+    parser.add_argument("--latent", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--memory-limit-gb", type=float, default=0.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--factory", default="HNSW32,Flat")
+    parser.add_argument("--metric", choices=("inner_product", "l2"), default="inner_product")
+    parser.add_argument("--metric-check", action="store_true",
+                        help="also compare both metrics' recall on the first 100,000 items")
+    parser.add_argument("--search", default="efSearch=64,efSearch=128,efSearch=256")
+    parser.add_argument("--singles", type=int, default=200)
+    parser.add_argument("--batches", type=int, default=30)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.stage == "prepare":
+        prepare(args.work)
+    elif args.stage == "train":
+        train_stage(args)
+    elif args.stage == "serve":
+        serve_stage(args)
+    else:
+        prepare(args.work)
+        passed = sys.argv[1:]
+        for stage in (["train", "--objective", "sampled"], ["train", "--objective", "full"],
+                      ["serve"]):
+            done = subprocess.run([sys.executable, __file__, *passed, "--stage", *stage])
+            if done.returncode:
+                print(json.dumps({"stage": " ".join(stage), "exit": done.returncode}))
+
+
+if __name__ == "__main__":
+    main()
