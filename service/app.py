@@ -41,7 +41,7 @@ from service.metrics import Exposition, Metrics
 from service.middleware import RequestMiddleware
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
-from service.routes import check_key, presented_key, recommend_router, require_key, router
+from service.routes import API_KEY, check_key, presented_key, recommend_router, router
 from service.schemas import RecommendRequest
 from service.settings import Settings
 
@@ -150,8 +150,15 @@ def _body_model(request: Request) -> type[BaseModel]:
 
 
 def _protected(request: Request) -> bool:
-    route = request.scope.get("route")
-    return any(d.dependency is require_key for d in getattr(route, "dependencies", ()))
+    """Whether the matched route checks the API key: a dependency of it takes the key."""
+    pending = [getattr(request.scope.get("route"), "dependant", None)]
+    while pending:
+        dependant = pending.pop()
+        if dependant is not None:
+            if dependant.call is API_KEY:
+                return True
+            pending.extend(dependant.dependencies)
+    return False
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
