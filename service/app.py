@@ -41,7 +41,14 @@ from service.metrics import Exposition, Metrics
 from service.middleware import RequestMiddleware
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
-from service.routes import API_KEY, check_key, presented_key, recommend_router, router
+from service.routes import (
+    API_KEY,
+    check_key,
+    presented_key,
+    recommend_router,
+    reject_duplicate_keys,
+    router,
+)
 from service.schemas import RecommendRequest
 from service.settings import Settings
 
@@ -181,10 +188,12 @@ def install_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         if _protected(request):
-            # FastAPI reads the body before it solves dependencies: check the key first, so
-            # an unauthenticated client learns nothing about what a valid body is.
+            # FastAPI validates the body before the route runs its checks (``serving``): make
+            # them first, so an unauthenticated client learns nothing about what a valid body
+            # is, and a repeated key is refused as such whatever else is wrong.
             try:
                 check_key(request.app.state.settings, await presented_key(request))
+                reject_duplicate_keys(await request.body())
             except ServiceError as refused:
                 return await service_error(request, refused)
         errors = list(exc.errors())

@@ -132,17 +132,17 @@ def reject_duplicate_keys(body: bytes) -> None:
             json.loads(body, object_pairs_hook=_unique_keys)
 
 
-# One dependency gives the recommend routes all they need: FastAPI solves every dependant of
-# a route per request, and these routes are the hot path.
-async def serving(request: Request, key: ApiKey, bearer: BearerKey) -> Pipeline:
+# The recommend routes take the key's two security schemes as parameters (so that OpenAPI
+# documents them) and call this themselves rather than through a dependency of its own:
+# FastAPI solves every dependant of a route on every request, and these are the hot path.
+async def serving(
+    request: Request, key: str | None, bearer: HTTPAuthorizationCredentials | None
+) -> Pipeline:
     """The pipeline, once the API key (when configured) is checked and the body is known to
     repeat no JSON key."""
     check_key(request.app.state.settings, _presented(key, bearer))
     reject_duplicate_keys(await request.body())
     return await get_pipeline(request)
-
-
-Serving = Annotated[Pipeline, Depends(serving)]
 
 
 Strict = Annotated[
@@ -282,10 +282,12 @@ async def _answer(
 async def recommend_one(
     body: RecommendRequest,
     request: Request,
-    pipeline: Serving,
+    key: ApiKey,
+    bearer: BearerKey,
     strict: Strict = None,
 ) -> Response:
     """Top-n items for one click history, history and exclude never returned."""
+    pipeline = await serving(request, key, bearer)
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)
@@ -297,10 +299,12 @@ async def recommend_one(
 async def recommend_batch(
     body: BatchRequest,
     request: Request,
-    pipeline: Serving,
+    key: ApiKey,
+    bearer: BearerKey,
     strict: Strict = None,
 ) -> Response:
     """Many histories in one forward pass, answered in order."""
+    pipeline = await serving(request, key, bearer)
     settings = pipeline.settings
     if len(body.requests) > settings.max_batch_requests:
         message = (
@@ -322,8 +326,11 @@ async def recommend_batch(
 
 
 @recommend_router.post("/similar", response_model_exclude_unset=True)
-async def similar(body: SimilarRequest, request: Request, pipeline: Serving) -> SimilarResponse:
+async def similar(
+    body: SimilarRequest, request: Request, key: ApiKey, bearer: BearerKey
+) -> SimilarResponse:
     """Items similar to one item: cosine of the decoder's item vectors (docs/api.md says how)."""
+    pipeline = await serving(request, key, bearer)
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)

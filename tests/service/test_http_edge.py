@@ -31,6 +31,7 @@ from service.metrics import Exposition, Metrics
     [
         (b'{"items": ["83"], "items": ["201"]}', '"items"'),
         (b'{"items": ["1"], "n": 5, "n": 6}', '"n"'),
+        (b'{"items": ["1"], "n": 5, "n": 0}', '"n"'),  # and invalid as parsed (last wins)
         (b'{"requests": [{"items": ["1"], "exclude": [], "exclude": ["2"]}]}', '"exclude"'),
     ],
 )
