@@ -44,6 +44,8 @@ from service.registry import ModelRegistry
 from service.routes import (
     API_KEY,
     check_key,
+    keyed,
+    metrics_router,
     presented_key,
     recommend_router,
     reject_duplicate_keys,
@@ -121,7 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.exposition = Exposition(metrics.registry)
     app.state.pipeline = None
     install_handlers(app)
-    app.include_router(recommend_router)
+    app.include_router(recommend_router, dependencies=keyed(settings))
+    app.include_router(metrics_router, dependencies=keyed(settings))
     app.include_router(router)
     app.add_middleware(
         RequestMiddleware,
@@ -187,15 +190,15 @@ def install_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        if _protected(request):
-            # FastAPI validates the body before the route runs its checks (``serving``): make
-            # them first, so an unauthenticated client learns nothing about what a valid body
-            # is, and a repeated key is refused as such whatever else is wrong.
-            try:
+        # FastAPI validates the body before the route runs: check the key first, so an
+        # unauthenticated client learns nothing about what a valid body is, and refuse a
+        # repeated key as such whatever else is wrong (the route's ``serving`` would).
+        try:
+            if _protected(request):
                 check_key(request.app.state.settings, await presented_key(request))
-                reject_duplicate_keys(await request.body())
-            except ServiceError as refused:
-                return await service_error(request, refused)
+            reject_duplicate_keys(await request.body())
+        except ServiceError as refused:
+            return await service_error(request, refused)
         errors = list(exc.errors())
         if any(e["type"] == "json_invalid" for e in errors):
             error = next(e for e in errors if e["type"] == "json_invalid")

@@ -132,15 +132,11 @@ def reject_duplicate_keys(body: bytes) -> None:
             json.loads(body, object_pairs_hook=_unique_keys)
 
 
-# The recommend routes take the key's two security schemes as parameters (so that OpenAPI
-# documents them) and call this themselves rather than through a dependency of its own:
-# FastAPI solves every dependant of a route on every request, and these are the hot path.
-async def serving(
-    request: Request, key: str | None, bearer: HTTPAuthorizationCredentials | None
-) -> Pipeline:
-    """The pipeline, once the API key (when configured) is checked and the body is known to
-    repeat no JSON key."""
-    check_key(request.app.state.settings, _presented(key, bearer))
+# The recommend routes call this themselves rather than through a dependency: FastAPI solves
+# every dependant of a route on every request, and these routes are the hot path. Their key
+# check is a dependency that the app adds only when a key is configured (``keyed``).
+async def serving(request: Request) -> Pipeline:
+    """The pipeline, once the body is known to repeat no JSON key."""
     reject_duplicate_keys(await request.body())
     return await get_pipeline(request)
 
@@ -155,10 +151,17 @@ ERRORS: dict[int | str, dict[str, type[ErrorBody]]] = {
 }
 
 router = APIRouter()
-# The recommend endpoints need the API key (when configured, see ``serving``); app.py checks
-# it before any body error too, so an unauthenticated client learns nothing about what a
-# valid body is.
+# The recommend endpoints and /metrics need the API key when one is configured: the app adds
+# ``keyed`` to them then (and OpenAPI documents the key); without a key they are open. app.py
+# checks the key before any body error too, so an unauthenticated client learns nothing
+# about what a valid body is.
 recommend_router = APIRouter(responses=ERRORS)
+metrics_router = APIRouter()
+
+
+def keyed(settings: Settings) -> list[Any]:
+    """The dependencies of the routes that need the API key when one is configured."""
+    return [Depends(require_key)] if settings.api_key is not None else []
 
 
 def check_limits(
@@ -282,12 +285,10 @@ async def _answer(
 async def recommend_one(
     body: RecommendRequest,
     request: Request,
-    key: ApiKey,
-    bearer: BearerKey,
     strict: Strict = None,
 ) -> Response:
     """Top-n items for one click history, history and exclude never returned."""
-    pipeline = await serving(request, key, bearer)
+    pipeline = await serving(request)
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)
@@ -299,12 +300,10 @@ async def recommend_one(
 async def recommend_batch(
     body: BatchRequest,
     request: Request,
-    key: ApiKey,
-    bearer: BearerKey,
     strict: Strict = None,
 ) -> Response:
     """Many histories in one forward pass, answered in order."""
-    pipeline = await serving(request, key, bearer)
+    pipeline = await serving(request)
     settings = pipeline.settings
     if len(body.requests) > settings.max_batch_requests:
         message = (
@@ -326,11 +325,9 @@ async def recommend_batch(
 
 
 @recommend_router.post("/similar", response_model_exclude_unset=True)
-async def similar(
-    body: SimilarRequest, request: Request, key: ApiKey, bearer: BearerKey
-) -> SimilarResponse:
+async def similar(body: SimilarRequest, request: Request) -> SimilarResponse:
     """Items similar to one item: cosine of the decoder's item vectors (docs/api.md says how)."""
-    pipeline = await serving(request, key, bearer)
+    pipeline = await serving(request)
     errors = check_limits(body, pipeline.settings)
     if errors:
         raise InvalidRequestError.of(errors)
@@ -401,9 +398,8 @@ async def model_info(pipeline: PipelineDep) -> ModelInfo:
     return ModelInfo(**pipeline.served().describe())
 
 
-@router.get(
+@metrics_router.get(
     "/metrics",
-    dependencies=[Depends(require_key)],
     response_class=Response,
     responses={
         200: {
