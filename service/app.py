@@ -42,13 +42,13 @@ from service.middleware import RequestMiddleware
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
 from service.routes import (
-    API_KEY,
     check_key,
     keyed,
     metrics_router,
     presented_key,
     recommend_router,
     reject_duplicate_keys,
+    require_key,
     router,
 )
 from service.schemas import RecommendRequest
@@ -160,15 +160,8 @@ def _body_model(request: Request) -> type[BaseModel]:
 
 
 def _protected(request: Request) -> bool:
-    """Whether the matched route checks the API key: a dependency of it takes the key."""
-    pending = [getattr(request.scope.get("route"), "dependant", None)]
-    while pending:
-        dependant = pending.pop()
-        if dependant is not None:
-            if dependant.call is API_KEY:
-                return True
-            pending.extend(dependant.dependencies)
-    return False
+    route = request.scope.get("route")
+    return any(d.dependency is require_key for d in getattr(route, "dependencies", ()))
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> JSONResponse:
@@ -190,9 +183,10 @@ def install_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        # FastAPI validates the body before the route runs: check the key first, so an
-        # unauthenticated client learns nothing about what a valid body is, and refuse a
-        # repeated key as such whatever else is wrong (the route's ``serving`` would).
+        # FastAPI parses the body before it solves dependencies, and validates it before the
+        # route runs: check the key first, so an unauthenticated client learns nothing about
+        # what a valid body is, and refuse a repeated key as such whatever else is wrong (as
+        # the route's ``serving`` would).
         try:
             if _protected(request):
                 check_key(request.app.state.settings, await presented_key(request))

@@ -1,5 +1,6 @@
-"""HTTP endpoints: plain FastAPI routes whose dependencies (``Annotated``) supply the settings,
-the pipeline and the API-key check, and whose bodies FastAPI and pydantic validate."""
+"""HTTP endpoints: plain FastAPI routes whose bodies and queries FastAPI and pydantic validate;
+the API-key check and the pipeline of the probes and admin routes are ``Annotated``
+dependencies, the recommend routes get theirs as :func:`keyed` and :func:`serving` say."""
 
 from __future__ import annotations
 
