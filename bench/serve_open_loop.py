@@ -50,6 +50,10 @@ from typing import Any
 N_ITEMS = 20_108
 HOST = "127.0.0.1"
 POOL = 256  # distinct histories of a cache-hit run
+# An idle connection is reused only this long: below the servers' keep-alive timeout
+# (uvicorn's 5 s default, MULTVAE_KEEP_ALIVE_S), after which they close it. Reusing one the
+# server has closed fails at the connection level, which is the client's doing, not a refusal.
+IDLE_REUSE_S = 4.0
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -95,7 +99,10 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
         b"POST /recommend HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
         b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
     )
-    status = int((await reader.readline()).split(b" ", 2)[1])
+    line = await reader.readline()
+    if not line:
+        raise ConnectionResetError("the server closed the connection before answering")
+    status = int(line.split(b" ", 2)[1])
     length = 0
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
@@ -109,27 +116,39 @@ async def _open_loop(
     port: int, rate: float, duration: float, bodies: list[bytes]
 ) -> dict[str, Any]:
     """Send ``rate`` requests a second for ``duration`` seconds on keep-alive connections
-    (a new one whenever none is idle); latency from each request's scheduled time."""
-    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    (the last one used that is idle, open and idle for less than ``IDLE_REUSE_S``, else a new
+    one); latency from each request's scheduled time. Failures are counted by kind."""
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
     latencies: list[float] = []
-    failures = 0
+    kinds: dict[str, int] = {}
     tasks: set[asyncio.Task[None]] = set()
     opened = 0
 
+    def reusable() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        while idle:
+            reader, writer, since = idle.pop()
+            if not reader.at_eof() and time.perf_counter() - since < IDLE_REUSE_S:
+                return reader, writer
+            writer.close()
+        return None
+
     async def one(body: bytes, scheduled: float) -> None:
-        nonlocal failures, opened
+        nonlocal opened
+        kind = None
         try:
-            if idle:
-                conn = idle.pop()
-            else:
+            conn = reusable()
+            if conn is None:
                 conn = await asyncio.open_connection(HOST, port)
                 opened += 1
             status = await _exchange(*conn, body)
-            idle.append(conn)
-        except OSError:
-            status = 0
+            idle.append((*conn, time.perf_counter()))
+            if status != 200:
+                kind = f"status {status}"
+        except (OSError, EOFError) as exc:  # status 0: the connection failed
+            kind = f"connection: {type(exc).__name__}"
         latencies.append(time.perf_counter() - scheduled)
-        failures += status != 200
+        if kind is not None:
+            kinds[kind] = kinds.get(kind, 0) + 1
 
     count = int(rate * duration)
     start = time.perf_counter() + 0.05
@@ -144,7 +163,7 @@ async def _open_loop(
     late = max(0.0, time.perf_counter() - (start + (count - 1) / rate))
     if tasks:
         await asyncio.wait(tasks, timeout=60)
-    for _, writer in idle:
+    for _, writer, _ in idle:
         writer.close()
     q = (
         statistics.quantiles(latencies, n=100, method="inclusive")
@@ -154,7 +173,8 @@ async def _open_loop(
     return {
         "sent": count,
         "answered": len(latencies),
-        "failures": failures + count - len(latencies),
+        "failures": sum(kinds.values()) + count - len(latencies),
+        "failure_kinds": kinds,
         "p50_ms": q[49] * 1000,
         "p99_ms": q[98] * 1000,
         "connections": opened,
@@ -351,11 +371,16 @@ class Bench:
         return rows
 
 
+def _kinds(r: dict[str, Any]) -> str:
+    kinds = r.get("failure_kinds") or {}
+    return f" ({', '.join(f'{n} {k}' for k, n in kinds.items())})" if kinds else ""
+
+
 def _short(r: dict[str, Any]) -> str:
     batch = f", batch {r['mean_batch']:.1f}" if r.get("mean_batch") else ""
     return (
         f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['cpu_us']:.0f} µs CPU/req, "
-        f"{r['failures']} failed, late {r['generator_late_s']:.2f} s{batch}"
+        f"{r['failures']} failed{_kinds(r)}, late {r['generator_late_s']:.2f} s{batch}"
     )
 
 

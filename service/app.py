@@ -41,7 +41,16 @@ from service.metrics import Exposition, Metrics
 from service.middleware import RequestMiddleware
 from service.pipeline import Pipeline
 from service.registry import ModelRegistry
-from service.routes import check_key, presented_key, recommend_router, require_key, router
+from service.routes import (
+    check_key,
+    keyed,
+    metrics_router,
+    presented_key,
+    recommend_router,
+    reject_duplicate_keys,
+    require_key,
+    router,
+)
 from service.schemas import RecommendRequest
 from service.settings import Settings
 
@@ -114,7 +123,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.exposition = Exposition(metrics.registry)
     app.state.pipeline = None
     install_handlers(app)
-    app.include_router(recommend_router)
+    app.include_router(recommend_router, dependencies=keyed(settings))
+    app.include_router(metrics_router, dependencies=keyed(settings))
     app.include_router(router)
     app.add_middleware(
         RequestMiddleware,
@@ -173,13 +183,16 @@ def install_handlers(app: FastAPI) -> None:
 
     async def validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        if _protected(request):
-            # FastAPI reads the body before it solves dependencies: check the key first, so
-            # an unauthenticated client learns nothing about what a valid body is.
-            try:
+        # FastAPI parses the body before it solves dependencies, and validates it before the
+        # route runs: check the key first, so an unauthenticated client learns nothing about
+        # what a valid body is, and refuse a repeated key as such whatever else is wrong (as
+        # the route's ``serving`` would).
+        try:
+            if _protected(request):
                 check_key(request.app.state.settings, await presented_key(request))
-            except ServiceError as refused:
-                return await service_error(request, refused)
+            reject_duplicate_keys(await request.body())
+        except ServiceError as refused:
+            return await service_error(request, refused)
         errors = list(exc.errors())
         if any(e["type"] == "json_invalid" for e in errors):
             error = next(e for e in errors if e["type"] == "json_invalid")

@@ -1,5 +1,6 @@
-"""HTTP endpoints: plain FastAPI routes whose dependencies (``Annotated``) supply the settings,
-the pipeline and the API-key check, and whose bodies FastAPI and pydantic validate."""
+"""HTTP endpoints: plain FastAPI routes whose bodies and queries FastAPI and pydantic validate,
+and whose pipeline and API-key check are ``Annotated`` dependencies (the recommend routes':
+:func:`serving`, and :func:`keyed` when a key is configured)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ async def presented_key(request: Request) -> str | None:
 
 
 # The key checks read the settings from the app rather than through a dependency of their
-# own: every dependant costs FastAPI work per request, and these guard the hot path.
+# own: every dependant costs FastAPI work per request.
 async def require_key(request: Request, key: ApiKey, bearer: BearerKey) -> None:
     """The API key, enforced only when MULTVAE_API_KEY is set."""
     check_key(request.app.state.settings, _presented(key, bearer))
@@ -121,16 +122,27 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-async def reject_duplicate_keys(request: Request) -> None:
+def reject_duplicate_keys(body: bytes) -> None:
     """400 for a body whose objects repeat a key: ``{"items": [1], "items": [2]}``.
 
     FastAPI has parsed the body already (the last copy wins); this second, strict pass over
-    the same bytes (Starlette caches them) refuses what that parse silently resolved.
+    the same bytes refuses what that parse silently resolved.
     """
-    body = await request.body()
     if body:
         with contextlib.suppress(ValueError):  # not JSON at all: FastAPI has answered that
             json.loads(body, object_pairs_hook=_unique_keys)
+
+
+# One dependant for the recommend routes (FastAPI solves every dependant of a route on every
+# request, and these are the hot path); their key check is a dependency that the app adds
+# only when a key is configured (``keyed``).
+async def serving(request: Request) -> Pipeline:
+    """The pipeline, once the body is known to repeat no JSON key."""
+    reject_duplicate_keys(await request.body())
+    return await get_pipeline(request)
+
+
+ServingDep = Annotated[Pipeline, Depends(serving)]
 
 
 Strict = Annotated[
@@ -143,11 +155,17 @@ ERRORS: dict[int | str, dict[str, type[ErrorBody]]] = {
 }
 
 router = APIRouter()
-# The recommend endpoints need the API key (when configured); app.py checks it before any
-# body error too, so an unauthenticated client learns nothing about what a valid body is.
-recommend_router = APIRouter(
-    dependencies=[Depends(require_key), Depends(reject_duplicate_keys)], responses=ERRORS
-)
+# The recommend endpoints and /metrics need the API key when one is configured: the app adds
+# ``keyed`` to them then (and OpenAPI documents the key); without a key they are open. app.py
+# checks the key before any body error too, so an unauthenticated client learns nothing
+# about what a valid body is.
+recommend_router = APIRouter(responses=ERRORS)
+metrics_router = APIRouter()
+
+
+def keyed(settings: Settings) -> list[Any]:
+    """The dependencies of the routes that need the API key when one is configured."""
+    return [Depends(require_key)] if settings.api_key is not None else []
 
 
 def check_limits(
@@ -271,7 +289,7 @@ async def _answer(
 async def recommend_one(
     body: RecommendRequest,
     request: Request,
-    pipeline: PipelineDep,
+    pipeline: ServingDep,
     strict: Strict = None,
 ) -> Response:
     """Top-n items for one click history, history and exclude never returned."""
@@ -286,7 +304,7 @@ async def recommend_one(
 async def recommend_batch(
     body: BatchRequest,
     request: Request,
-    pipeline: PipelineDep,
+    pipeline: ServingDep,
     strict: Strict = None,
 ) -> Response:
     """Many histories in one forward pass, answered in order."""
@@ -311,7 +329,9 @@ async def recommend_batch(
 
 
 @recommend_router.post("/similar", response_model_exclude_unset=True)
-async def similar(body: SimilarRequest, request: Request, pipeline: PipelineDep) -> SimilarResponse:
+async def similar(
+    body: SimilarRequest, request: Request, pipeline: ServingDep
+) -> SimilarResponse:
     """Items similar to one item: cosine of the decoder's item vectors (docs/api.md says how)."""
     errors = check_limits(body, pipeline.settings)
     if errors:
@@ -383,9 +403,8 @@ async def model_info(pipeline: PipelineDep) -> ModelInfo:
     return ModelInfo(**pipeline.served().describe())
 
 
-@router.get(
+@metrics_router.get(
     "/metrics",
-    dependencies=[Depends(require_key)],
     response_class=Response,
     responses={
         200: {

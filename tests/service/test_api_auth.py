@@ -121,6 +121,31 @@ def test_without_a_configured_key_recommend_is_open(client: TestClient) -> None:
     assert client.post("/recommend", json=BODY).status_code == 200
 
 
+KEYED = [("/recommend", "post"), ("/recommend/batch", "post"), ("/similar", "post"),
+         ("/metrics", "get")]  # fmt: skip
+
+
+def test_openapi_documents_the_key_where_it_is_needed(
+    keyed: TestClient, client: TestClient
+) -> None:
+    # With a key: both ways of sending it, on every route that needs it.
+    doc = keyed.get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["APIKeyHeader"] == {
+        "type": "apiKey", "description": "the API key", "in": "header", "name": "X-API-Key"
+    }  # fmt: skip
+    assert schemes["HTTPBearer"]["scheme"] == "bearer"
+    both = [{"APIKeyHeader": []}, {"HTTPBearer": []}]
+    for path, method in [*KEYED, ("/admin/reload", "post")]:
+        assert doc["paths"][path][method]["security"] == both, path
+    # Without one those routes are open and say so; /admin/* is off without a key, and the
+    # document keeps saying what it would need.
+    doc = client.get("/openapi.json").json()
+    for path, method in KEYED:
+        assert "security" not in doc["paths"][path][method], path
+    assert doc["paths"]["/admin/reload"]["post"]["security"] == both
+
+
 def test_comparison_is_constant_time(keyed: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[bytes, bytes]] = []
     real = routes.hmac.compare_digest
