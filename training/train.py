@@ -610,8 +610,7 @@ def train(
     resumed = _resume_point(checkpointing, group)
     sampled = None
     if config.sampled_softmax is not None:
-        train_rows = sp.csr_matrix(split.train, dtype=np.float32)
-        sampled = SampledSoftmax.from_clicks(train_rows, config.sampled_softmax, group.device)
+        sampled = SampledSoftmax.from_clicks(split.train, config.sampled_softmax, group.device)
     loop = _Loop(split, config, sched, group, progress, on_epoch, checkpointing, sampled)
     if cap == "auto":
         # Section 2.2.2: anneal towards 1, note beta at the validation peak, retrain to it.
