@@ -142,6 +142,8 @@ def _train(args: argparse.Namespace) -> None:
         "seconds_per_update": round(seconds / updates, 3),
         "users_per_s": round(updates * args.batch / seconds, 1),
         "rss_after_data_mb": round(loaded_mb), "peak_rss_mb": round(_peak_mb()),
+        **({"cuda_peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20)}
+           if device.type == "cuda" else {}),
     }))
 
 
