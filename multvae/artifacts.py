@@ -14,6 +14,8 @@ A version is rebuilt from ``config.json`` alone and refused when any file fails 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from multvae import __version__
-from multvae.errors import ArtifactError, NoModelError, VerificationError
+from multvae.errors import ArtifactError, CurrentChangedError, NoModelError, VerificationError
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE
 
@@ -44,6 +46,7 @@ METRICS = "metrics.json"
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 PREVIOUS = "PREVIOUS"
+POINTER_LOCK = ".pointers.lock"  # held while CURRENT / PREVIOUS move or versions are deleted
 VERSIONS = "versions"
 FILES = (WEIGHTS, CONFIG, ITEMS, METRICS)
 STALE_TMP_SECONDS = 6 * 3600
@@ -189,16 +192,48 @@ def atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def set_current(model_dir: Path | str, version: str) -> None:
+@contextlib.contextmanager
+def pointer_lock(model_dir: Path | str) -> Iterator[None]:
+    """Hold the model directory's pointer lock (``flock``, across processes).
+
+    Every move of ``CURRENT`` (promote, rollback, a retrain's promotion) and every deletion of
+    old versions happens under it, so a decision read from the pointers ("CURRENT is A", "V is
+    not protected") still holds when it is acted on. It is held for milliseconds, never for a
+    training run: an operator's rollback waits at most for another pointer move.
+    """
+    fd = os.open(Path(model_dir) / POINTER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def set_current(model_dir: Path | str, version: str, *, replacing: str | None = None) -> None:
     """Atomically point ``CURRENT`` at an existing, verified version.
 
     The version it replaces is first recorded in ``PREVIOUS`` (atomically too), so that
     :func:`rollback` can return to it. A crash between the two writes leaves ``PREVIOUS``
     naming the version that still serves, which :func:`rollback` refuses by name.
+
+    With ``replacing``, a compare-and-swap: ``CURRENT`` moves only if it still names that
+    version, else :class:`CurrentChangedError` (a retrain that compared its candidate with A
+    must not replace B, which an operator promoted or rolled back to in the meantime).
     """
     model_dir = Path(model_dir)
+    with pointer_lock(model_dir):
+        replaced = current_version(model_dir)
+        if replacing is not None and replaced != replacing:
+            raise CurrentChangedError(
+                f"{model_dir}: CURRENT is {replaced}, no longer {replacing}, so {version} "
+                f"(which was compared with {replacing}) was not promoted; promote it by hand "
+                "with `multvae promote` if it should serve"
+            )
+        _point_current(model_dir, version, replaced)
+
+
+def _point_current(model_dir: Path, version: str, replaced: str | None) -> None:
     verify_version(version_path(model_dir, version))
-    replaced = current_version(model_dir)
     if replaced is not None and replaced != version:
         atomic_write(model_dir / PREVIOUS, (replaced + "\n").encode())
     atomic_write(model_dir / CURRENT, (version + "\n").encode())
@@ -273,21 +308,23 @@ def rollback(model_dir: Path | str) -> tuple[str, str]:
     The version rolled back from becomes ``PREVIOUS``, so a second rollback undoes the first.
     """
     model_dir = Path(model_dir)
-    current = current_version(model_dir)
-    previous = previous_version(model_dir)
-    if current is None:
-        raise NoModelError(f"{model_dir} has no {CURRENT} version to roll back from")
-    if previous is None or previous == current:
-        raise ArtifactError(
-            f"{model_dir}: {CURRENT} ({current}) has not replaced another version, so there is "
-            "nothing to roll back to; pick one with `multvae promote MODEL_DIR VERSION`"
-        )
-    if not version_path(model_dir, previous).is_dir():
-        raise NoModelError(
-            f"{model_dir}: the version {CURRENT} replaced, {previous}, is no longer under "
-            f"{VERSIONS}/; pick one of the remaining versions with `multvae promote`"
-        )
-    set_current(model_dir, previous)
+    with pointer_lock(model_dir):
+        current = current_version(model_dir)
+        previous = previous_version(model_dir)
+        if current is None:
+            raise NoModelError(f"{model_dir} has no {CURRENT} version to roll back from")
+        if previous is None or previous == current:
+            raise ArtifactError(
+                f"{model_dir}: {CURRENT} ({current}) has not replaced another version, so "
+                "there is nothing to roll back to; pick one with `multvae promote MODEL_DIR "
+                "VERSION`"
+            )
+        if not version_path(model_dir, previous).is_dir():
+            raise NoModelError(
+                f"{model_dir}: the version {CURRENT} replaced, {previous}, is no longer under "
+                f"{VERSIONS}/; pick one of the remaining versions with `multvae promote`"
+            )
+        _point_current(model_dir, previous, current)
     return current, previous
 
 
@@ -370,18 +407,21 @@ def remove_old_versions(model_dir: Path | str, keep: int) -> list[str]:
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     model_dir = Path(model_dir)
-    versions = list_versions(model_dir)
-    protected = {current_version(model_dir), previous_version(model_dir)}
-    try:
-        promoted_at = (model_dir / CURRENT).stat().st_mtime_ns
-    except FileNotFoundError:
-        promoted_at = None  # never promoted: everything is younger than the last promotion
-    for version in versions:
-        if promoted_at is None or (model_dir / VERSIONS / version).stat().st_mtime_ns > promoted_at:
-            protected.add(version)
-    removable = [v for v in versions[: max(0, len(versions) - keep)] if v not in protected]
-    for version in removable:
-        shutil.rmtree(model_dir / VERSIONS / version)
+    with pointer_lock(model_dir):  # no promote may pick a version while it is being deleted
+        versions = list_versions(model_dir)
+        protected = {current_version(model_dir), previous_version(model_dir)}
+        try:
+            promoted_at = (model_dir / CURRENT).stat().st_mtime_ns
+        except FileNotFoundError:
+            promoted_at = None  # never promoted: everything is younger than the last promotion
+        for version in versions:
+            if promoted_at is None or (
+                (model_dir / VERSIONS / version).stat().st_mtime_ns > promoted_at
+            ):
+                protected.add(version)
+        removable = [v for v in versions[: max(0, len(versions) - keep)] if v not in protected]
+        for version in removable:
+            shutil.rmtree(model_dir / VERSIONS / version)
     # Half-written versions and pointers of a killed writer.
     remove_stale_temporaries(model_dir / VERSIONS, ".tmp-*")
     remove_stale_temporaries(model_dir, ".*.tmp-*")

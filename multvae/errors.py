@@ -30,6 +30,10 @@ class NoModelError(ArtifactError):
     """The model directory has no servable version."""
 
 
+class CurrentChangedError(ArtifactError):
+    """CURRENT moved between a decision and the swap it was made for (see set_current)."""
+
+
 class VerificationError(ArtifactError):
     """A model version's files do not match its manifest."""
 

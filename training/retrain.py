@@ -47,7 +47,7 @@ from multvae.artifacts import (
     set_current,
 )
 from multvae.device import resolve_device
-from multvae.errors import MultVAEError
+from multvae.errors import CurrentChangedError, MultVAEError
 from training.arguments import (
     CONFIG_FLAGS,
     EXIT_FAILED,
@@ -222,7 +222,12 @@ def retrain(
                 report["comparison"] = comparison.to_json()
                 report["gate"].update(_gate_json(gate, comparison))
             if decision == "promoted":
-                set_current(model_dir, str(candidate))
+                try:  # compare-and-swap: only over the version the gate compared with
+                    set_current(model_dir, str(candidate), replacing=current)
+                except CurrentChangedError as exc:  # an operator moved CURRENT meanwhile
+                    decision, reason = "kept", str(exc)
+                    report["reason"] = reason
+                    report["candidate_deleted"] = False  # it passed its gate: keep it
             else:
                 report["candidate_deleted"] = not keep_refused and _discard(model_dir, candidate)
             report["removed_versions"] = _collect_garbage(model_dir, keep)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from multvae import artifacts
 from multvae.artifacts import (
+    POINTER_LOCK,
     PREVIOUS,
     current_version,
     list_versions,
@@ -19,7 +23,7 @@ from multvae.artifacts import (
     set_current,
     write_version,
 )
-from multvae.errors import ArtifactError
+from multvae.errors import ArtifactError, CurrentChangedError
 from multvae.items import ItemIndex
 from multvae.model import ModelConfig, MultVAE
 from multvae_cli import main
@@ -105,3 +109,51 @@ def test_promote_and_rollback_from_the_command_line(
     assert "is not a model version" in err
     assert b in err  # the known versions are listed
     assert current_version(tmp_path) == a
+
+
+def _lock_is_held(model_dir: Path) -> bool:
+    """Whether someone holds the pointer lock (a non-blocking try from a second descriptor)."""
+    fd = os.open(model_dir / POINTER_LOCK, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_every_pointer_move_and_deletion_holds_the_pointer_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b, c = _write(tmp_path, 0, 0.3), _write(tmp_path, 1, 0.4), _write(tmp_path, 2, 0.5)
+    _write(tmp_path, 3, 0.6)
+    seen: list[tuple[str, bool]] = []
+    real_write, real_rmtree = artifacts.atomic_write, artifacts.shutil.rmtree
+
+    def watched_write(path: Path, data: bytes) -> None:
+        seen.append((path.name, _lock_is_held(tmp_path)))
+        real_write(path, data)
+
+    def watched_rmtree(path: Path) -> None:
+        seen.append(("rmtree", _lock_is_held(tmp_path)))
+        real_rmtree(path)
+
+    monkeypatch.setattr(artifacts, "atomic_write", watched_write)
+    monkeypatch.setattr(artifacts.shutil, "rmtree", watched_rmtree)
+    assert main(["promote", str(tmp_path), b]) == 0
+    assert main(["rollback", str(tmp_path)]) == 0
+    assert remove_old_versions(tmp_path, keep=1) == [a, c]  # CURRENT and PREVIOUS stay
+    assert {name for name, _ in seen} == {PREVIOUS, "CURRENT", "rmtree"}
+    assert all(held for _, held in seen), seen
+    assert not _lock_is_held(tmp_path)  # and released after each
+
+
+def test_a_compare_and_swap_refuses_when_current_moved(tmp_path: Path) -> None:
+    a, b = _write(tmp_path, 0, 0.3), _write(tmp_path, 1, 0.4)
+    c = _write(tmp_path, 2, 0.5, promote=False)
+    with pytest.raises(CurrentChangedError, match=f"CURRENT is {b}, no longer {a}"):
+        set_current(tmp_path, c, replacing=a)
+    assert (current_version(tmp_path), previous_version(tmp_path)) == (b, a)
+    set_current(tmp_path, c, replacing=b)
+    assert (current_version(tmp_path), previous_version(tmp_path)) == (c, b)

@@ -23,6 +23,7 @@ from multvae.artifacts import (
     write_version,
 )
 from multvae_cli import main
+from training import retrain as retrain_module
 from training.dataset import Interactions
 from training.pipeline import DataSpec, train_config_for
 from training.retrain import (
@@ -212,7 +213,7 @@ def _crash_in_weights_write(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _crash_while_promoting(monkeypatch: pytest.MonkeyPatch) -> None:
     # The candidate is complete and passed the gate; the swap itself fails.
-    def boom(model_dir: Path, version: str) -> None:
+    def boom(model_dir: Path, version: str, replacing: str | None = None) -> None:
         raise OSError("Read-only file system (injected)")
 
     monkeypatch.setattr("training.retrain.set_current", boom)
@@ -314,6 +315,33 @@ def test_a_second_concurrent_run_fails_without_touching_anything(
     assert "another retrain is running" in result.report["reason"]
     assert result.report["candidate"] is None
     assert list_versions(model_dir) == [baseline.version]
+
+
+def test_an_operators_rollback_during_a_run_is_not_overridden(
+    baseline: Baseline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = baseline.copy(tmp_path / "models")
+    spec = DataSpec(str(baseline.data))
+    second = retrain(spec, config(spec), model_dir)
+    assert second.exit_code == EXIT_PROMOTED, second.report["reason"]
+    b = str(second.report["candidate"])
+    real_decide = retrain_module._decide
+
+    def decide_then_rollback(*args: Any, **kwargs: Any) -> Any:
+        decision = real_decide(*args, **kwargs)  # the gate compares the candidate with B ...
+        assert main(["rollback", str(model_dir)]) == 0  # ... then the operator goes back to A
+        return decision
+
+    monkeypatch.setattr(retrain_module, "_decide", decide_then_rollback)
+    result = retrain(spec, config(spec), model_dir)
+
+    assert result.exit_code == EXIT_KEPT
+    assert result.report["decision"] == "kept"
+    assert f"no longer {b}" in result.report["reason"]
+    assert current_version(model_dir) == result.report["current_after"] == baseline.version
+    candidate = str(result.report["candidate"])
+    assert result.report["candidate_deleted"] is False  # it passed its gate: kept for a promote
+    assert candidate in list_versions(model_dir)
 
 
 @pytest.mark.parametrize(
