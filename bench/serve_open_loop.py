@@ -16,11 +16,22 @@ and every server to the other CPUs, when the machine has at least two. For each 
   processes; Redis is not counted) and the mean forward-pass size, at 50 % and 80 % of it.
 
 Servers: ``multvae serve`` with 1 and 2 workers sharing a private ``redis-server`` (cache-miss
-load: every history unique; cache-hit load: a warmed pool of 256 histories), and a trivial
-FastAPI endpoint under plain uvicorn (reads the body, returns a constant) at the hit rates: the
-HTTP reference. In the same run, the same model's in-process batched fold-in
-(``Recommender.recommend_batch``) is timed at the mean pass size seen at 80 % of the miss
-capacity, in CPU seconds per history with the server's torch threads, pinned like the server.
+load: every history unique; cache-hit load: a warmed pool of 256 histories). The references,
+measured in the same run:
+
+* hits: a trivial FastAPI endpoint (reads the body, returns a constant) at the same rates,
+  under ``plain`` uvicorn, started with no option as the issue's "plain uvicorn" reads: its
+  default parser (httptools, which uvicorn[standard] installs) and its access line on, like
+  the service's own access line; and ``bare``, the same without the access line. ``--trivial``
+  adds ``h11`` and ``bare-h11`` (uvicorn ``--http h11``), ``--service-env
+  MULTVAE_ACCESS_LOG=false`` takes the service's access line away (compare with ``bare``);
+* misses: the same model's in-process batched fold-in (``Recommender.recommend_batch``), in
+  CPU per history with the torch threads each worker has, pinned like the servers, at the
+  mean pass size the workers formed at that load (every worker's batch-size histogram, read
+  by scraping ``/metrics`` until each worker has answered; the cost of a pass is taken as
+  linear between the integer sizes measured around the mean, see :func:`reference_us`).
+
+The summary at the end gives, per load, the ratios the targets are about.
 
 Histories are 10..100 item ids (strings) drawn uniformly, n = 20; the model has the paper's
 ML-20M architecture [20108 -> 600 -> 200 -> 600 -> 20108] with random weights (latency does
@@ -220,20 +231,23 @@ def _cpus() -> tuple[list[str], list[str]]:
     return ["taskset", "-c", server], ["taskset", "-c", str(cpus[-1])]
 
 
-def _tree_cpu_seconds(pid: int) -> float:
-    """user + system CPU of ``pid`` and its live children (uvicorn's worker processes)."""
+def _tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """user + system CPU of ``pid`` and its live children (uvicorn's worker processes): in all,
+    and in their main threads (each process's event loop; the others are the inference
+    thread and the pool that ``asyncio.to_thread`` uses)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    total = loops = 0.0
     pids = [pid]
     with contextlib.suppress(OSError):
         pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / tick
+                total += seconds
+                loops += seconds if task.name == str(p) else 0.0
+    return total, loops
 
 
 def _get(port: int, path: str) -> str:
@@ -319,10 +333,12 @@ class Bench:
         # The mean pass size over every worker that answered a scrape before and after.
         counted = mode != "trivial"
         before = server.passes(self.workers) if counted else {}
-        cpu = _tree_cpu_seconds(server.proc.pid)
+        cpu, loops = _tree_cpu_seconds(server.proc.pid)
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         result: dict[str, Any] = {"rate": rate, "mode": mode, **json.loads(out)}
-        result["cpu_us"] = (_tree_cpu_seconds(server.proc.pid) - cpu) * 1e6 / result["sent"]
+        cpu_after, loops_after = _tree_cpu_seconds(server.proc.pid)
+        result["cpu_us"] = (cpu_after - cpu) * 1e6 / result["sent"]
+        result["loop_cpu_us"] = (loops_after - loops) * 1e6 / result["sent"]
         after = server.passes(self.workers) if counted else {}
         both = [w for w in after if w in before]
         passes = sum(after[w][0] - before[w][0] for w in both)
@@ -630,7 +646,9 @@ def _report(summary: dict[str, Any]) -> None:
                 head = (f"    {share}{row['rate']:.0f}/s: p50 {row['p50_ms']:.1f} / p99 "
                         f"{row['p99_ms']:.1f} ms, {row['cpu_us']:.0f} µs CPU/req")  # fmt: skip
                 if mode == "miss" and "ratio" in row:
-                    print(f"{head}, mean pass {row['mean_batch'] or 0:.2f}, in process "
+                    other = row["cpu_us"] - row["loop_cpu_us"]
+                    print(f"{head} (event loops {row['loop_cpu_us']:.0f}, other threads "
+                          f"{other:.0f}), mean pass {row['mean_batch'] or 0:.2f}, in process "
                           f"{row['in_process_us']:.0f} µs/history: {row['ratio']:.2f}x "
                           "(target <= 1.5x)")  # fmt: skip
                 elif mode == "hit" and "ratios" in row:
