@@ -712,7 +712,8 @@ def main() -> None:
         choices=["h11", "httptools"],
         default=None,
         help="start the service as `uvicorn service.app:create_app --factory --http X` "
-        "instead of `multvae serve` (which runs h11): isolates the protocol's cost",
+        "instead of `multvae serve` (h11 unless --service-env MULTVAE_HTTP=httptools); works "
+        "for checkouts older than that setting too",
     )
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--out", help="JSON results (default: in the run's temporary directory)")
