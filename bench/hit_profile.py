@@ -2,6 +2,13 @@
 
     python bench/hit_profile.py 2>/dev/null                       # in-process LRU cache
     python bench/hit_profile.py --redis-url redis://127.0.0.1:6379/0 2>/dev/null
+    python bench/hit_profile.py --ladder 2>/dev/null              # what each part costs
+
+``--ladder`` times, in rounds that take turns so that a neighbour's burst hits every rung
+alike, FastAPI endpoints that add one part of the ``/recommend`` route at a time (the
+trivial endpoint of ``serve_open_loop.py``; a pydantic body; the ``strict`` query parameter;
+one dependency that reads the body, as ``serving`` does) and then the service itself, with
+and without its access line: the minimum and the median µs of CPU per request of each.
 
 Builds the ML-20M-shaped model of ``serve_open_loop.py``, starts ``service.app`` with its
 lifespan (ASGI ``lifespan`` messages), answers the 256 histories of a hit run once (misses:
@@ -20,9 +27,13 @@ import pstats
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from serve_open_loop import _bodies, _write_model
+from fastapi import Depends, FastAPI, Request, Response
+from serve_open_loop import _bodies, _write_model, trivial_app
+
+from service.routes import Strict
+from service.schemas import RecommendRequest
 
 # the functions this report names (file fragment, function name)
 WATCHED = [
@@ -110,12 +121,93 @@ async def _run(args: argparse.Namespace, model_dir: Path) -> pstats.Stats:
     return pstats.Stats(profiler)
 
 
+async def read_body(request: Request) -> bytes:
+    """The ladder's dependency: reads the body, as the service's ``serving`` does."""
+    return await request.body()
+
+
+def _rungs() -> dict[str, Any]:
+    """FastAPI apps that each add one part of the hit route to the one before (their
+    annotations are strings, resolved in this module's namespace: imports at the top)."""
+    answer = b'{"items":[],"ok":true}'
+
+    async def body(body: RecommendRequest) -> Response:
+        return Response(answer, media_type="application/json")
+
+    async def query(body: RecommendRequest, strict: Strict = None) -> Response:
+        return Response(answer, media_type="application/json")
+
+    async def dependency(
+        body: RecommendRequest, seen: Annotated[bytes, Depends(read_body)], strict: Strict = None
+    ) -> Response:
+        return Response(answer, media_type="application/json")
+
+    rungs: dict[str, Any] = {"trivial endpoint (serve_open_loop.py)": trivial_app()}
+    for name, endpoint in (("+ a pydantic body (RecommendRequest)", body),
+                           ("+ the strict query parameter", query),
+                           ("+ one dependency reading the body", dependency)):  # fmt: skip
+        app = FastAPI()
+        app.add_api_route("/recommend", endpoint, methods=["POST"])
+        rungs[name] = app
+    return rungs
+
+
+async def _ladder(args: argparse.Namespace, model_dir: Path) -> None:
+    import logging
+    import statistics
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    service = create_app(Settings(model_dir=model_dir, device="cpu", reload_interval_s=0))
+    to_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    from_app: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    lifespan = asyncio.create_task(
+        service({"type": "lifespan", "asgi": {"version": "3.0"}}, to_app.get, from_app.put)
+    )
+    await to_app.put({"type": "lifespan.startup"})
+    await from_app.get()
+    access = logging.getLogger("multvae.access")
+    rungs = [(name, app, False) for name, app in _rungs().items()]
+    rungs += [("the service, no access line", service, True), ("the service", service, False)]
+    pool = _bodies("hit", 0, 0)
+    for name, app, _ in rungs:
+        # Twice: the service's first pass are misses that fill its cache.
+        statuses = {await _call(app, body) for body in pool + pool}
+        if statuses != {200}:
+            raise SystemExit(f"{name}: statuses {sorted(statuses)}")
+    spent: dict[str, list[float]] = {name: [] for name, _, _ in rungs}
+    for _ in range(args.rounds):
+        for name, app, quiet in rungs:
+            access.disabled = quiet
+            cpu = time.process_time()
+            for i in range(args.hits // args.rounds):
+                await _call(app, pool[i % len(pool)])
+            spent[name].append((time.process_time() - cpu) * 1e6 / (args.hits // args.rounds))
+    access.disabled = False
+    print(f"µs CPU per request, {args.rounds} rounds of {args.hits // args.rounds}: min, median")
+    for name, values in spent.items():
+        print(f"  {name:42s} {min(values):6.0f} {statistics.median(values):6.0f}")
+    await to_app.put({"type": "lifespan.shutdown"})
+    await from_app.get()
+    await lifespan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hits", type=int, default=3000)
+    parser.add_argument("--ladder", action="store_true", help="what each part of a hit costs")
+    parser.add_argument("--rounds", type=int, default=30, help="--ladder: rounds per rung")
     parser.add_argument("--redis-url", default=None, help="default: the in-process LRU")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
+    if args.ladder:
+        import uvloop
+
+        with tempfile.TemporaryDirectory() as tmp:
+            _write_model(Path(tmp))
+            uvloop.run(_ladder(args, Path(tmp)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         _write_model(Path(tmp))
         stats = asyncio.run(_run(args, Path(tmp)))

@@ -16,11 +16,22 @@ and every server to the other CPUs, when the machine has at least two. For each 
   processes; Redis is not counted) and the mean forward-pass size, at 50 % and 80 % of it.
 
 Servers: ``multvae serve`` with 1 and 2 workers sharing a private ``redis-server`` (cache-miss
-load: every history unique; cache-hit load: a warmed pool of 256 histories), and a trivial
-FastAPI endpoint under plain uvicorn (reads the body, returns a constant) at the hit rates: the
-HTTP reference. In the same run, the same model's in-process batched fold-in
-(``Recommender.recommend_batch``) is timed at the mean pass size seen at 80 % of the miss
-capacity, in CPU seconds per history with the server's torch threads, pinned like the server.
+load: every history unique; cache-hit load: a warmed pool of 256 histories). The references,
+measured in the same run:
+
+* hits: a trivial FastAPI endpoint (reads the body, returns a constant) at the same rates,
+  under ``plain`` uvicorn, started with no option as the issue's "plain uvicorn" reads: its
+  default parser (httptools, which uvicorn[standard] installs) and its access line on, like
+  the service's own access line; and ``bare``, the same without the access line. ``--trivial``
+  adds ``h11`` and ``bare-h11`` (uvicorn ``--http h11``), ``--service-env
+  MULTVAE_ACCESS_LOG=false`` takes the service's access line away (compare with ``bare``);
+* misses: the same model's in-process batched fold-in (``Recommender.recommend_batch``), in
+  CPU per history with the torch threads each worker has, pinned like the servers, at the
+  mean pass size the workers formed at that load (every worker's batch-size histogram, read
+  by scraping ``/metrics`` until each worker has answered; the cost of a pass is taken as
+  linear between the integer sizes measured around the mean, see :func:`reference_us`).
+
+The summary at the end gives, per load, the ratios the targets are about.
 
 Histories are 10..100 item ids (strings) drawn uniformly, n = 20; the model has the paper's
 ML-20M architecture [20108 -> 600 -> 200 -> 600 -> 20108] with random weights (latency does
@@ -33,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -219,20 +231,23 @@ def _cpus() -> tuple[list[str], list[str]]:
     return ["taskset", "-c", server], ["taskset", "-c", str(cpus[-1])]
 
 
-def _tree_cpu_seconds(pid: int) -> float:
-    """user + system CPU of ``pid`` and its live children (uvicorn's worker processes)."""
+def _tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """user + system CPU of ``pid`` and its live children (uvicorn's worker processes): in all,
+    and in their main threads (each process's event loop; the others are the inference
+    thread and the pool that ``asyncio.to_thread`` uses)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
+    total = loops = 0.0
     pids = [pid]
     with contextlib.suppress(OSError):
         pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                seconds = (int(fields[11]) + int(fields[12])) / tick
+                total += seconds
+                loops += seconds if task.name == str(p) else 0.0
+    return total, loops
 
 
 def _get(port: int, path: str) -> str:
@@ -265,21 +280,31 @@ class Process:
         self.stop()
         raise SystemExit(f"{argv[:4]} not ready after 180 s; see {log}")
 
-    def batch_stats(self) -> tuple[float, float]:
-        """(passes, rows) so far from the service's histogram (one worker's when several)."""
+    def passes(self, workers: int) -> dict[str, tuple[float, float]]:
+        """(passes, rows) so far of each worker's batch-size histogram, by worker.
+
+        Each worker keeps its own metrics and a scrape reads whichever answers, so with
+        several workers the scrape is repeated (a new connection each time) until every
+        worker has answered once; a worker is told apart by the time its model loaded.
+        """
         assert self.port is not None
-        try:
-            text = _get(self.port, "/metrics")
-        except OSError:
-            return 0.0, 0.0
-        values = dict(
-            line.rsplit(" ", 1)
-            for line in text.splitlines()
-            if line.startswith("multvae_batch_size_")
-        )
-        return float(values.get("multvae_batch_size_count", 0)), float(
-            values.get("multvae_batch_size_sum", 0)
-        )
+        seen: dict[str, tuple[float, float]] = {}
+        for _ in range(40 * workers):
+            try:
+                text = _get(self.port, "/metrics")
+            except OSError:
+                continue
+            values = dict(
+                line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("multvae_")
+            )
+            worker = values.get("multvae_model_loaded_timestamp_seconds", "?")
+            seen[worker] = (
+                float(values.get("multvae_batch_size_count", 0)),
+                float(values.get("multvae_batch_size_sum", 0)),
+            )
+            if len(seen) >= workers:
+                break
+        return seen
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -305,16 +330,21 @@ class Bench:
         argv = [*self.generator_cpus, sys.executable, __file__, "generate", "--port",
                 str(server.port), "--mode", mode, "--rate", str(rate), "--duration",
                 str(duration), "--seed", str(self.seed)]  # fmt: skip
-        # Pass sizes come from /metrics, which is one worker's: only with one worker.
-        counted = mode != "trivial" and self.workers == 1
-        batches = server.batch_stats() if counted else (0.0, 0.0)
-        cpu = _tree_cpu_seconds(server.proc.pid)
+        # The mean pass size over every worker that answered a scrape before and after.
+        counted = mode != "trivial"
+        before = server.passes(self.workers) if counted else {}
+        cpu, loops = _tree_cpu_seconds(server.proc.pid)
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         result: dict[str, Any] = {"rate": rate, "mode": mode, **json.loads(out)}
-        result["cpu_us"] = (_tree_cpu_seconds(server.proc.pid) - cpu) * 1e6 / result["sent"]
-        after = server.batch_stats() if counted else (0.0, 0.0)
-        passes = after[0] - batches[0]
-        result["mean_batch"] = (after[1] - batches[1]) / passes if passes else None
+        cpu_after, loops_after = _tree_cpu_seconds(server.proc.pid)
+        result["cpu_us"] = (cpu_after - cpu) * 1e6 / result["sent"]
+        result["loop_cpu_us"] = (loops_after - loops) * 1e6 / result["sent"]
+        after = server.passes(self.workers) if counted else {}
+        both = [w for w in after if w in before]
+        passes = sum(after[w][0] - before[w][0] for w in both)
+        rows = sum(after[w][1] - before[w][1] for w in both)
+        result["mean_batch"] = rows / passes if passes else None
+        result["workers_counted"] = len(both)
         return result
 
     def ok(self, result: dict[str, Any]) -> bool:
@@ -400,7 +430,7 @@ def _write_model(model_dir: Path) -> str:
 
 
 def in_process(args: argparse.Namespace) -> None:
-    """CPU seconds per history of ``recommend_batch`` at ``--batch`` histories (JSON)."""
+    """CPU seconds per history of ``recommend_batch`` at each of ``--batch`` sizes (JSON)."""
     import torch
 
     from multvae import recommend
@@ -409,33 +439,49 @@ def in_process(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     loaded = load_version(args.model_dir)
     rng = random.Random(7)
-    histories = [rng.sample(range(N_ITEMS), rng.randint(10, 100)) for _ in range(args.batch)]
+    largest = max(args.batch)
+    histories = [rng.sample(range(N_ITEMS), rng.randint(10, 100)) for _ in range(largest)]
     if hasattr(recommend, "Query"):  # ids in, (item, score) out
         recommender = recommend.Recommender(loaded.model, loaded.items, loaded.version)
         queries = [recommend.Query([str(c) for c in h], 20) for h in histories]
 
-        def fold_in() -> object:
-            return recommender.recommend_batch(queries)
+        def fold_in(k: int) -> object:
+            return recommender.recommend_batch(queries[:k])
     else:  # an older checkout (--source): columns in, columns out
         import numpy as np
 
         old = recommend.Recommender(loaded.model, loaded.items)
         columns = [np.asarray(h, dtype=np.int64) for h in histories]
-        n, exclude = [20] * len(columns), [recommend.EMPTY] * len(columns)
 
-        def fold_in() -> object:
-            return old.recommend_batch(columns, n, exclude)
+        def fold_in(k: int) -> object:
+            return old.recommend_batch(columns[:k], [20] * k, [recommend.EMPTY] * k)
 
-    for _ in range(3):
-        fold_in()
-    cpu, wall = time.process_time(), time.perf_counter()
-    for _ in range(args.repeat):
-        fold_in()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    histories = args.repeat * args.batch
-    print(json.dumps({"batch": args.batch, "threads": args.threads,
-                      "cpu_us_per_history": cpu * 1e6 / histories,
-                      "wall_us_per_history": wall * 1e6 / histories}))  # fmt: skip
+    per_history = {}
+    for k in args.batch:
+        for _ in range(3):
+            fold_in(k)
+        cpu = time.process_time()
+        for _ in range(args.repeat):
+            fold_in(k)
+        per_history[k] = (time.process_time() - cpu) * 1e6 / (args.repeat * k)
+    print(json.dumps({"threads": args.threads, "cpu_us_per_history": per_history}))
+
+
+def reference_us(per_history: dict[int, float], mean_pass: float) -> float:
+    """In-process CPU per history at a mean pass size of ``mean_pass`` histories.
+
+    A pass costs a fixed part (the output layer is read once per pass) plus a part per
+    history, so the cost of a pass is taken as linear between the measured integer sizes
+    around the mean; for a mix of pass sizes with that mean, the total cost over the total
+    histories is then the cost of a pass of the mean size over the mean size.
+    """
+    sizes = sorted(per_history)
+    mean_pass = min(max(mean_pass, sizes[0]), sizes[-1])
+    low = max(k for k in sizes if k <= mean_pass)
+    high = min(k for k in sizes if k >= mean_pass)
+    cost_low, cost_high = low * per_history[low], high * per_history[high]
+    share = 0.0 if high == low else (mean_pass - low) / (high - low)
+    return (cost_low + share * (cost_high - cost_low)) / mean_pass
 
 
 def _machine() -> str:
@@ -446,6 +492,17 @@ def _machine() -> str:
             break
     load = os.getloadavg()
     return f"{os.cpu_count()} CPUs, {model}, load average {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"
+
+
+# The trivial endpoint's servers: "plain" is the issue's reference, uvicorn as it starts with no
+# options (its default protocol, httptools where installed as by uvicorn[standard], and its
+# access log on); "bare" is that without the access line (earlier sections' reference).
+TRIVIAL = {
+    "plain": [],
+    "bare": ["--no-access-log", "--log-level", "warning"],
+    "h11": ["--http", "h11"],
+    "bare-h11": ["--http", "h11", "--no-access-log", "--log-level", "warning"],
+}
 
 
 def run(args: argparse.Namespace) -> None:
@@ -466,12 +523,12 @@ def run(args: argparse.Namespace) -> None:
     time.sleep(0.5)  # redis-server binds within milliseconds; it answers no /readyz
     env = {"PYTHONPATH": str(source), "MULTVAE_RELOAD_INTERVAL_S": "0",
            "MULTVAE_REDIS_URL": f"redis://{HOST}:{redis_port}/0",
-           "MULTVAE_MODEL_DIR": str(model_dir), "MULTVAE_DEVICE": "cpu"}  # fmt: skip
+           "MULTVAE_MODEL_DIR": str(model_dir), "MULTVAE_DEVICE": "cpu",
+           **dict(kv.split("=", 1) for kv in args.service_env)}  # fmt: skip
     threads = len(os.sched_getaffinity(0)) - (1 if bench.generator_cpus else 0)
     summary: dict[str, Any] = {"machine": _machine(), "source": str(source), "servers": {}}
     try:
         hit_rates: list[float] = []
-        batch_seen = 1
         for workers in args.workers:
             port = _free_port()
             argv = [*bench.server_cpus, sys.executable, "-m", "multvae_cli", "serve",
@@ -510,44 +567,95 @@ def run(args: argparse.Namespace) -> None:
             finally:
                 server.stop()
             miss = entry.get("miss")
-            if miss and miss["loads"] and miss["loads"][-1]["mean_batch"]:
-                batch_seen = max(1, round(miss["loads"][-1]["mean_batch"]))
             if miss and miss["loads"]:
-                batch = batch_seen  # with several workers: the one-worker pass size
+                # The reference: the same model in process, at the pass size each worker
+                # formed at that load (the mean over every worker), with the threads each
+                # worker has.
+                means = [r["mean_batch"] or 1.0 for r in miss["loads"]]
+                sizes = sorted({1, *(math.floor(m) for m in means), *(math.ceil(m) for m in means)})
                 per_worker = max(1, threads // workers)
                 argv = [*bench.server_cpus, sys.executable, __file__, "in-process",
-                        "--model-dir", str(model_dir), "--batch", str(batch),
-                        "--threads", str(per_worker)]  # fmt: skip
+                        "--model-dir", str(model_dir), "--threads", str(per_worker),
+                        "--batch", *map(str, sizes)]  # fmt: skip
                 in_env = {**os.environ, "PYTHONPATH": str(source)}
                 out = subprocess.run(
                     argv, check=True, capture_output=True, text=True, env=in_env
                 ).stdout
-                entry["in_process"] = json.loads(out)
-                print(f"    in-process fold-in: {entry['in_process']}", flush=True)
+                measured = json.loads(out)
+                per_history = {int(k): v for k, v in measured["cpu_us_per_history"].items()}
+                entry["in_process"] = measured
+                print(f"    in-process fold-in, µs CPU per history by pass size: "
+                      f"{', '.join(f'{k}: {v:.0f}' for k, v in per_history.items())}"
+                      f" ({per_worker} thread{'s' * (per_worker > 1)})", flush=True)  # fmt: skip
+                for row, mean in zip(miss["loads"], means, strict=True):
+                    row["in_process_us"] = reference_us(per_history, mean)
+                    row["ratio"] = row["cpu_us"] / row["in_process_us"]
         if hit_rates:
-            print("trivial FastAPI endpoint, plain uvicorn:", flush=True)
-            port = _free_port()
-            argv = [*bench.server_cpus, sys.executable, "-m", "uvicorn",
-                    "serve_open_loop:trivial_app", "--factory",
-                    "--app-dir", str(Path(__file__).parent), "--port", str(port),
-                    "--log-level", "warning", "--no-access-log",
-                    "--http", args.trivial_http]  # fmt: skip
-            print(f"    (uvicorn --http {args.trivial_http})", flush=True)
-            server = Process(argv, {}, work / "trivial.log", port)
-            try:
-                bench.step(server, "trivial", 200, 1.0)
-                summary["trivial"] = []
-                for rate in dict.fromkeys(hit_rates):  # each rate once
-                    result = bench.step(server, "trivial", rate, args.measure_s)
-                    summary["trivial"].append(result)
-                    print(f"    at {rate:.0f} req/s: {_short(result)}", flush=True)
-            finally:
-                server.stop()
+            summary["trivial"] = {}
+            for variant in args.trivial:
+                options = TRIVIAL[variant]
+                print(f"trivial FastAPI endpoint, uvicorn {' '.join(options) or '(no options)'}"
+                      f" [{variant}]:", flush=True)  # fmt: skip
+                port = _free_port()
+                argv = [*bench.server_cpus, sys.executable, "-m", "uvicorn",
+                        "serve_open_loop:trivial_app", "--factory",
+                        "--app-dir", str(Path(__file__).parent), "--port", str(port),
+                        *options]  # fmt: skip
+                server = Process(argv, {}, work / f"trivial-{variant}.log", port)
+                bench.workers = 1
+                try:
+                    bench.step(server, "trivial", 200, 1.0)
+                    summary["trivial"][variant] = []
+                    for rate in dict.fromkeys(hit_rates):  # each rate once
+                        result = bench.step(server, "trivial", rate, args.measure_s)
+                        summary["trivial"][variant].append(result)
+                        print(f"    at {rate:.0f} req/s: {_short(result)}", flush=True)
+                finally:
+                    server.stop()
+            trivial_us = {
+                (variant, r["rate"]): r["cpu_us"]
+                for variant, rows in summary["trivial"].items()
+                for r in rows
+            }
+            for served in summary["servers"].values():
+                for row in served.get("hit", {}).get("loads", []):
+                    row["ratios"] = {
+                        variant: row["cpu_us"] / trivial_us[variant, row["rate"]]
+                        for variant in summary["trivial"]
+                    }
     finally:
         redis.stop()
-    out = Path(args.out) if args.out else work / "open_loop.json"
-    out.write_text(json.dumps(summary, indent=2))
-    print(f"\nfull results: {out}")
+    _report(summary)
+    results = Path(args.out) if args.out else work / "open_loop.json"
+    results.write_text(json.dumps(summary, indent=2))
+    print(f"\nfull results: {results}")
+
+
+def _report(summary: dict[str, Any]) -> None:
+    """The figures the targets are about, one line per measured load."""
+    print(f"\nsummary ({_machine()}):")
+    for label, entry in summary["servers"].items():
+        for mode in ("miss", "hit"):
+            if mode not in entry:
+                continue
+            capacity = entry[mode]["capacity"]
+            at = f", capacity {capacity:.0f} req/s" if capacity else ""
+            print(f"  {label}, {'misses' if mode == 'miss' else 'hits'}{at}")
+            for row in entry[mode]["loads"]:
+                share = f"{row['share']:.0%} = " if "share" in row else ""
+                head = (f"    {share}{row['rate']:.0f}/s: p50 {row['p50_ms']:.1f} / p99 "
+                        f"{row['p99_ms']:.1f} ms, {row['cpu_us']:.0f} µs CPU/req")  # fmt: skip
+                if mode == "miss" and "ratio" in row:
+                    other = row["cpu_us"] - row["loop_cpu_us"]
+                    print(f"{head} (event loops {row['loop_cpu_us']:.0f}, other threads "
+                          f"{other:.0f}), mean pass {row['mean_batch'] or 0:.2f}, in process "
+                          f"{row['in_process_us']:.0f} µs/history: {row['ratio']:.2f}x "
+                          "(target <= 1.5x)")  # fmt: skip
+                elif mode == "hit" and "ratios" in row:
+                    ratios = ", ".join(f"{v:.2f}x {k}" for k, v in row["ratios"].items())
+                    print(f"{head}: {ratios} (target <= 2.5x plain)")
+                else:
+                    print(head)
 
 
 def main() -> None:
@@ -562,7 +670,7 @@ def main() -> None:
     g.add_argument("--prewarm", action="store_true")
     p = sub.add_parser("in-process")
     p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--batch", type=int, nargs="+", required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--repeat", type=int, default=30)
     parser.add_argument("--source", default=str(ROOT),
@@ -584,17 +692,28 @@ def main() -> None:
     parser.add_argument("--step-s", type=float, default=4.0)
     parser.add_argument("--measure-s", type=float, default=8.0)
     parser.add_argument(
-        "--trivial-http",
-        choices=["auto", "h11", "httptools"],
-        default="auto",
-        help="uvicorn's HTTP protocol for the trivial endpoint (the service runs h11)",
+        "--trivial",
+        nargs="+",
+        choices=list(TRIVIAL),
+        default=["plain", "bare"],
+        help="the trivial endpoint's servers: plain = uvicorn with no options (the issue's "
+        "reference: httptools, access log on), bare = without the access log, h11 and "
+        "bare-h11 = the same under h11",
+    )
+    parser.add_argument(
+        "--service-env",
+        nargs="+",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for the service, e.g. MULTVAE_HTTP=httptools",
     )
     parser.add_argument(
         "--service-http",
         choices=["h11", "httptools"],
         default=None,
         help="start the service as `uvicorn service.app:create_app --factory --http X` "
-        "instead of `multvae serve` (which runs h11): isolates the protocol's cost",
+        "instead of `multvae serve` (h11 unless --service-env MULTVAE_HTTP=httptools); works "
+        "for checkouts older than that setting too",
     )
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--out", help="JSON results (default: in the run's temporary directory)")

@@ -7,6 +7,7 @@ training subcommands do not pay for them here.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import signal
@@ -58,6 +59,13 @@ def register(subparsers: Any) -> None:
         help="log level (MULTVAE_LOG_LEVEL)",
     )
     parser.add_argument(
+        "--http",
+        choices=("h11", "httptools"),
+        help="uvicorn's HTTP parser: h11 (default) refuses a request head over "
+        "MULTVAE_MAX_HEADER_BYTES; httptools is faster and bounds no head, so use it only "
+        "behind a proxy that does (MULTVAE_HTTP)",
+    )
+    parser.add_argument(
         "--no-access-log",
         action="store_true",
         help="no per-request log line (MULTVAE_ACCESS_LOG=false)",
@@ -72,7 +80,8 @@ def _positive(text: str) -> int:
     return value
 
 
-_OVERRIDES = ("model_dir", "device", "redis_url", "batch_wait_ms", "batch_max_size", "log_level")
+_OVERRIDES = ("model_dir", "device", "redis_url", "batch_wait_ms", "batch_max_size",
+              "log_level", "http")  # fmt: skip
 
 # What a value of each pydantic error type should have been, for the one-line messages.
 _ACCEPTED = {
@@ -153,6 +162,11 @@ def serve(args: argparse.Namespace) -> int:
         # N processes with every core each would oversubscribe the CPU N times over.
         os.environ["MULTVAE_TORCH_THREADS"] = str(max(1, usable_cpus() // args.workers))
     configure_logging(settings.log_level)
+    if settings.http == "httptools":
+        logging.getLogger("multvae.serve").info(
+            "MULTVAE_HTTP=httptools: request heads are not bounded here (MULTVAE_MAX_HEADER_BYTES "
+            "applies to h11 only); the proxy in front must bound them"
+        )
     # After a graceful shutdown uvicorn restores the handlers it found and re-raises the
     # signal that stopped it. With Python's defaults that kills the process (143 under an
     # init process such as compose's `init: true`); with these the shutdown ends in exit 0.
@@ -170,9 +184,9 @@ def serve(args: argparse.Namespace) -> int:
             access_log=False,
             server_header=False,
             timeout_graceful_shutdown=settings.shutdown_grace_s,
-            # h11, not httptools: only h11 bounds a request head (httptools buffers headers
-            # of any size); both bound nothing else, the app's middleware bounds the body.
-            http="h11",
+            # Only h11 bounds a request head (httptools buffers a head of any size); neither
+            # bounds the body, the app's middleware does.
+            http=settings.http,
             h11_max_incomplete_event_size=settings.max_header_bytes,
             timeout_keep_alive=settings.keep_alive_s,
         )

@@ -50,9 +50,12 @@ class Settings(BaseSettings):
     strict: bool = False  # default for requests that do not say ?strict=
 
     # Connection limits (every connection, before any authentication). `multvae serve` runs
-    # uvicorn's h11 protocol, which refuses a request head (request line + headers) above
-    # max_header_bytes with a 400 at once; keep_alive_s closes a connection idle between
-    # requests; a request body that stops arriving for body_timeout_s is answered 408.
+    # uvicorn's h11 protocol by default, which refuses a request head (request line +
+    # headers) above max_header_bytes with a 400 at once; keep_alive_s closes a connection
+    # idle between requests; a request body that stops arriving for body_timeout_s is
+    # answered 408. http="httptools" parses faster but bounds no head (uvicorn has no limit
+    # for it): only behind a proxy that bounds request heads (docs/serving.md).
+    http: Literal["h11", "httptools"] = "h11"
     max_header_bytes: int = Field(default=16_384, ge=1024)
     keep_alive_s: int = Field(default=5, ge=1)
     body_timeout_s: float = Field(default=10.0, gt=0.0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -157,3 +158,18 @@ def test_the_log_holds_no_traceback(server: Server) -> None:
     log = server.output()
     assert "Traceback" not in log
     assert "Exception in ASGI application" not in log
+
+
+def test_httptools_is_an_opt_in_that_bounds_no_head(tmp_path: Path) -> None:
+    """MULTVAE_HTTP=httptools (for a deployment whose proxy bounds request heads): it serves,
+    says at start-up that heads are unbounded, and does parse the 1 MB head h11 refuses."""
+    write_model(tmp_path / "models", seed=1)
+    server = Server(tmp_path / "models", tmp_path / "serve.log", {"MULTVAE_HTTP": "httptools"})
+    try:
+        server.wait_ready()
+        assert server.http.post("/recommend", json={"items": ITEM_IDS[:3]}).status_code == 200
+        assert status_of(exchange(server, CASES[0][1])) == 200  # "1 MB header": parsed
+    finally:
+        server.stop()
+    assert "request heads are not bounded" in server.output()
+    assert "Traceback" not in server.output()

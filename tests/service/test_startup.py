@@ -98,6 +98,7 @@ def test_a_bad_setting_is_one_clear_line_per_field_not_a_traceback(
 ) -> None:
     monkeypatch.setenv("MULTVAE_MAX_N", "abc")
     monkeypatch.setenv("MULTVAE_STRICT", "maybe")
+    monkeypatch.setenv("MULTVAE_HTTP", "spdy")
     monkeypatch.setenv("MULTVAE_LOG_LEVEL", "loud")
     monkeypatch.setenv("MULTVAE_API_KEY", "")  # empty is "unset", not an error
     code = main(["serve", "--model-dir", str(trained.model_dir), "--batch-max-size", "0",
@@ -110,6 +111,8 @@ def test_a_bad_setting_is_one_clear_line_per_field_not_a_traceback(
         "multvae serve: error: MULTVAE_MAX_N='abc' is not accepted: expected an integer",
         "multvae serve: error: MULTVAE_STRICT='maybe' is not accepted: expected true or false "
         "(also 1/0, yes/no, on/off)",
+        "multvae serve: error: MULTVAE_HTTP='spdy' is not accepted: input should be 'h11' or "
+        "'httptools'",
         "multvae serve: error: --batch-max-size 0 is not accepted: "
         "input should be greater than or equal to 1",
         "multvae serve: error: MULTVAE_LOG_LEVEL='loud' is not accepted: log level 'loud' is not "
@@ -126,7 +129,7 @@ def test_serve_help_says_which_options_read_a_variable(
     assert "Every option except --host and --port also reads its MULTVAE_*" in help_text
     for variable in ("MULTVAE_MODEL_DIR", "MULTVAE_DEVICE", "MULTVAE_REDIS_URL",
                      "MULTVAE_BATCH_WAIT_MS", "MULTVAE_BATCH_MAX_SIZE", "MULTVAE_LOG_LEVEL",
-                     "MULTVAE_ACCESS_LOG"):  # fmt: skip
+                     "MULTVAE_ACCESS_LOG", "MULTVAE_HTTP"):  # fmt: skip
         assert variable in help_text
     assert "MULTVAE_HOST" not in help_text
     assert "MULTVAE_PORT" not in help_text
