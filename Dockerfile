@@ -40,11 +40,13 @@ WORKDIR /src
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
     python -m pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
 # The other dependencies, from pyproject.toml alone: empty packages stand in for the source.
+# With the faiss extra (faiss-cpu, ~66 MB installed), so that MULTVAE_TOPN_INDEX=faiss works
+# in the image (docs/serving.md, "Large catalogues").
 COPY pyproject.toml README.md ./
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
     mkdir multvae training service \
     && touch multvae/__init__.py training/__init__.py service/__init__.py \
-    && python -m pip install . \
+    && python -m pip install ".[faiss]" \
     && python -m pip uninstall -y multvae-rec \
     && rm -rf multvae training service build ./*.egg-info
 
@@ -54,7 +56,7 @@ COPY multvae_cli ./multvae_cli
 COPY training ./training
 COPY service ./service
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=pip-cert \
-    python -m pip install . && rm -rf build
+    python -m pip install ".[faiss]" && rm -rf build
 
 # ---- runtime: the virtualenv, a non-root user, nothing else ---------------------------------
 FROM ${BASE_IMAGE} AS runtime

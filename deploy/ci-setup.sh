@@ -9,7 +9,7 @@
 #    base images). With CI=true those checks fail rather than skip when a tool is missing.
 # 2. The image's two install steps, word for word as in the Dockerfile's "same as CI" lines
 #    (tests/deploy/test_deploy_files.py checks that they match), so CI proves what the image
-#    build runs: torch from its CPU index first, then the project.
+#    build runs: torch from its CPU index first, then the project with its faiss extra.
 # 3. CI only: the test tools, and the tree installed editable so tests import the sources.
 set -eu
 
@@ -26,6 +26,6 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
 fi
 
 "$PYTHON" -m pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}
-"$PYTHON" -m pip install .
+"$PYTHON" -m pip install ".[faiss]"
 
 "$PYTHON" -m pip install -e ".[dev]"

@@ -120,6 +120,8 @@ sh deploy/build-image.sh --build-arg "TORCH_INDEX_URL=${MULTVAE_TORCH_INDEX_URL-
 timings="$timings build $(($(date +%s) - t0)) s,"
 [ "$(docker image inspect -f '{{.Config.User}}' "$image")" = 10001:10001 ]
 [ "$(docker image inspect -f '{{json .Config.Volumes}}' "$image")" = null ]
+# The faiss extra is in the image: MULTVAE_TOPN_INDEX=faiss can serve.
+docker run --rm --entrypoint python "$image" -c "import faiss"
 pass
 
 # -- 3. compose up on a fresh clone ------------------------------------------------------------

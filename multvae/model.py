@@ -16,6 +16,9 @@ The first layer never sees a dense user x item batch: the L2-normalised click ro
 a :class:`SparseRows` (CSR pieces) and go through ``embedding_bag`` with per-sample weights
 (its gradient as one sparse-dense product),
 which is exactly ``x @ W`` for a sparse ``x``; memory grows with clicks, not users x items.
+With ``sparse_grad=True`` (the sampled softmax, for catalogues of millions of items) that
+gradient is a sparse tensor over the batch's clicked rows instead of a dense ``(I, h)`` one,
+for ``torch.optim.SparseAdam``.
 The training state (beta schedule, step counter) lives in the training loop, not here.
 """
 
@@ -246,7 +249,7 @@ class MultVAE(nn.Module):
 
     # -- encoder ---------------------------------------------------------------------------
 
-    def _first_layer(self, x: SparseRows, dropout: float) -> Tensor:
+    def _first_layer(self, x: SparseRows, dropout: float, sparse_grad: bool) -> Tensor:
         # L2-normalise each row, then input dropout on the surviving entries (scaled 1/(1-p)),
         # exactly F.dropout(F.normalize(dense_x)) restricted to the non-zeros.
         norms = torch.zeros(x.batch_size, device=x.values.device)
@@ -256,16 +259,26 @@ class MultVAE(nn.Module):
         if dropout > 0.0:
             keep = torch.rand_like(weights) >= dropout
             weights = torch.where(keep, weights / (1.0 - dropout), torch.zeros_like(weights))
-        h = _SparseMatmul.apply(self.input_weight, x.indices, x.offsets, weights, x.rows)
+        if sparse_grad:  # the same forward; the gradient holds the clicked rows alone
+            h = F.embedding_bag(
+                x.indices, self.input_weight, x.offsets[:-1], mode="sum",
+                per_sample_weights=weights, sparse=True,
+            )  # fmt: skip
+        else:
+            h = _SparseMatmul.apply(self.input_weight, x.indices, x.offsets, weights, x.rows)
         return h + self.input_bias  # (B, q1)
 
-    def encode(self, x: SparseRows) -> tuple[Tensor, Tensor | None]:
-        """(mu, logvar) for the VAEs, (g(x), None) for the DAE; dropout only in training."""
-        return self.encode_with_dropout(x, self.config.dropout if self.training else 0.0)
+    def encode(self, x: SparseRows, sparse_grad: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(mu, logvar) for the VAEs, (g(x), None) for the DAE; dropout only in training.
+        ``sparse_grad``: the input table's gradient as a sparse tensor (module docstring)."""
+        dropout = self.config.dropout if self.training else 0.0
+        return self.encode_with_dropout(x, dropout, sparse_grad)
 
-    def encode_with_dropout(self, x: SparseRows, dropout: float) -> tuple[Tensor, Tensor | None]:
+    def encode_with_dropout(
+        self, x: SparseRows, dropout: float, sparse_grad: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         """:meth:`encode` with an explicit input dropout (RecVAE's decoder steps use 0)."""
-        h = self._first_layer(x, dropout)
+        h = self._first_layer(x, dropout, sparse_grad)
         if self.config.kind == "recvae":
             return self._dense_encoder(h)
         # tanh between layers; the VAE's Gaussian parameters get no activation.
@@ -311,9 +324,11 @@ class MultVAE(nn.Module):
         """Decoder logits f_theta(z): (B, K) -> (B, I)."""
         return self.output_layer(self.decode_hidden(z))
 
-    def latent(self, x: SparseRows) -> tuple[Tensor, Tensor, Tensor | None]:
+    def latent(
+        self, x: SparseRows, sparse_grad: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(z, mu, logvar); z is sampled by reparameterisation in training, z = mu else."""
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, sparse_grad)
         z = mu
         if self.training and logvar is not None:
             z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
@@ -385,6 +400,15 @@ class MultVAE(nn.Module):
         for layer in [*self.encoder, *self.decoder]:
             total = total + (layer.weight**2).sum()
         return total
+
+    def l2_penalty_rows(self, input_rows: Tensor, output_rows: Tensor) -> Tensor:
+        """:meth:`l2_penalty` with the two I-row tables (the input layer and the output layer)
+        restricted to the given distinct rows, their gradients sparse (the sampled softmax)."""
+        total = F.embedding(input_rows, self.input_weight, sparse=True).square().sum()
+        for layer in [*self.encoder, *self.decoder[:-1]]:
+            total = total + layer.weight.square().sum()
+        rows = F.embedding(output_rows, self.output_layer.weight, sparse=True)
+        return total + rows.square().sum()
 
 
 def _row_sum(values: Tensor, x: SparseRows) -> Tensor:

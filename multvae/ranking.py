@@ -54,15 +54,28 @@ def mask_and_topk(
     return indices.cpu().numpy().astype(np.int64), values.float().cpu().numpy()
 
 
+# A block of fold-in rows is scored at once: at most 1000 rows, and at most this many bytes
+# of scores at 8 bytes a score (float64, the baselines'; the model's float32 takes half), so
+# that a catalogue of a million items is scored 67 rows at a time, not 1000 (8 GB).
+MAX_BLOCK_ROWS = 1000
+SCORE_BLOCK_BYTES = 2**29
+
+
+def score_block_rows(n_items: int) -> int:
+    """How many fold-in rows :func:`topk_rows` scores at once over ``n_items`` items."""
+    return max(1, min(MAX_BLOCK_ROWS, SCORE_BLOCK_BYTES // (8 * max(n_items, 1))))
+
+
 def topk_rows(
     score: Callable[[sp.csr_matrix], Tensor],
     fold_in: sp.csr_matrix,
     k: int,
     *,
     exclude: NDArray[np.int64] | None = None,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """(B, k) ranked columns and scores for every fold-in row, in batches of ``batch_size``.
+    """(B, k) ranked columns and scores for every fold-in row, in batches of ``batch_size``
+    rows (default: :func:`score_block_rows`, bounded by the catalogue size).
 
     ``score`` maps a block of fold-in rows (b, I) to a (b, I) score tensor of its own (it is
     masked in place). Each row's own clicks are masked, and ``exclude`` (columns) in every
@@ -71,6 +84,7 @@ def topk_rows(
     ``multvae compare`` all rank through it.
     """
     fold_in = sp.csr_matrix(fold_in)
+    batch_size = batch_size or score_block_rows(fold_in.shape[1])
     extra = exclude if exclude is not None else np.zeros(0, dtype=np.int64)
     cols, scores = [], []
     for start in range(0, fold_in.shape[0], batch_size):

@@ -48,7 +48,7 @@ def block_scorer(model: MultVAE) -> Callable[[sp.csr_matrix], Tensor]:
 
 
 def rank_rows(
-    model: MultVAE, fold_in: sp.csr_matrix, k: int, batch_size: int = 1000
+    model: MultVAE, fold_in: sp.csr_matrix, k: int, batch_size: int | None = None
 ) -> NDArray[np.int64]:
     """(B, k) ranked columns for every row of a fold-in matrix, its clicks masked (evaluation)."""
     return topk_rows(block_scorer(model), fold_in, k, batch_size=batch_size)[0]

@@ -99,7 +99,7 @@ def parse_baseline_names(text: str) -> list[str]:
 
 
 def rank_topk(
-    score: Scorer, fold_in: sp.csr_matrix, k: int = TOP_K, batch_size: int = 1000
+    score: Scorer, fold_in: sp.csr_matrix, k: int = TOP_K, batch_size: int | None = None
 ) -> NDArray[np.int64]:
     """(B, k) ranked columns per fold-in row with the row's own clicks masked."""
 

@@ -169,7 +169,7 @@ def _rank_common(
     version: ModelVersion,
     held: HeldOut,
     common_ids: NDArray[np.str_],
-    batch_size: int = 1000,
+    batch_size: int | None = None,
 ) -> NDArray[np.int64]:
     """(B, 100) top columns in the common space, ranking only items both versions know."""
     cols_in_model = np.asarray([version.items.column(i) for i in common_ids], dtype=np.int64)

@@ -21,6 +21,15 @@ Per update only the output-layer rows of the batch's clicks and of the sampled i
 gathered (``W[j]``, ``b[j]``): the (B, I) logits are never formed. The encoder's first layer
 stays the sparse ``embedding_bag`` of :class:`multvae.model.MultVAE`. The trained model is an
 ordinary :class:`~multvae.model.MultVAE`: it folds in, is written and served like any other.
+
+The two ``I x h`` weight tables (the input layer and the output layer) get sparse gradients,
+over the rows the batch touched, and are optimised by lazy Adam (``torch.optim.SparseAdam``:
+a row's moments and weights change only in the updates that touch it), everything else by
+Adam (:func:`optimisers`); a dense Adam step would read and write every row of both tables
+(and their two moments) on every update, which at a million items costs more than the rest of
+the update. Mult-DAE's L2 penalty (``weight_decay``) follows: it covers the touched rows of the
+two tables and every weight of the small dense layers (``l2`` below), so a row is decayed in
+the updates that use it, as in SGD matrix factorisation, rather than in every update.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from collections.abc import Callable
 import numpy as np
 import scipy.sparse as sp
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from multvae.model import MultVAE, SparseRows
@@ -69,18 +79,28 @@ class SampledSoftmax:
         weights = torch.from_numpy((clicks + 1.0) ** POPULARITY_EXPONENT).float()
         return cls(weights.to(device), n_samples)
 
-    def __call__(self, model: MultVAE, x: SparseRows) -> tuple[Tensor, Tensor, Tensor | None]:
-        z, mu, logvar = model.latent(x)
+    def __call__(
+        self, model: MultVAE, x: SparseRows, l2: float = 0.0
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(mean negative log-likelihood + ``l2`` x the L2 penalty of the touched rows, mu,
+        logvar); the two I-row weight tables' gradients are sparse (module docstring)."""
+        z, mu, logvar = model.latent(x, sparse_grad=True)
         h = model.decode_hidden(z)  # (B, d)
         layer = model.output_layer
-        weight, bias = layer.weight, layer.bias  # (I, d), (I,): only rows are gathered
-        # f_ui at every click, from the clicked items' rows alone.
-        at_clicks = (h[x.rows] * weight[x.indices]).sum(dim=1) + bias[x.indices]  # (nnz,)
         draws = torch.multinomial(self.proposal, self.n_samples, replacement=True)
         sampled, counts = torch.unique(draws, sorted=True, return_counts=True)  # (m',)
+        # Only the clicked and sampled rows of W (I, d) and b (I,) are gathered. (Gathers by
+        # index_select, not h[rows]: the latter's backward sums repeated rows in an order
+        # that varies between runs on several CPU threads, and a resumed run must match.)
+        ids = torch.cat([x.indices, sampled])
+        weight = F.embedding(ids, layer.weight, sparse=True)  # (nnz + m', d)
+        bias = layer.bias.index_select(0, ids)  # (nnz + m',)
+        nnz = x.indices.numel()
+        # f_ui at every click, from the clicked items' rows alone.
+        at_clicks = (h.index_select(0, x.rows) * weight[:nnz]).sum(dim=1) + bias[:nnz]  # (nnz,)
         # A draw of j repeated c times is c terms exp(f_j) / (m Q(j)): one column, + log c.
         correction = counts.float().log() - math.log(self.n_samples) - self.log_proposal[sampled]
-        logits = h @ weight[sampled].T + bias[sampled] + correction  # (B, m')
+        logits = h @ weight[nnz:].T + bias[nnz:] + correction  # (B, m')
         # Accidental hits: a sampled item the user clicked is already in P_u, exactly.
         where = torch.searchsorted(sampled, x.indices).clamp_max(sampled.numel() - 1)
         hit = sampled[where] == x.indices
@@ -91,7 +111,21 @@ class SampledSoftmax:
         clicked = torch.zeros(x.batch_size, device=h.device).index_add_(
             0, x.rows, x.values * at_clicks
         )
-        return -(clicked - x.row_sums() * log_z).mean(), mu, logvar
+        loss = -(clicked - x.row_sums() * log_z).mean()
+        if l2 > 0:
+            loss = loss + l2 * model.l2_penalty_rows(torch.unique(x.indices), torch.unique(ids))
+        return loss, mu, logvar
+
+
+def optimisers(model: MultVAE, lr: float) -> list[torch.optim.Optimizer]:
+    """Lazy Adam (``torch.optim.SparseAdam``) for the input and output layers' ``I x h`` weight
+    tables, whose gradients hold only the batch's rows under :class:`SampledSoftmax`, and Adam
+    for the rest: the hidden layers and the biases (the output bias is one dense float per
+    item, 4 MB at a million items)."""
+    tables = [model.input_weight, model.output_layer.weight]
+    ids = {id(p) for p in tables}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [torch.optim.SparseAdam(tables, lr=lr), torch.optim.Adam(rest, lr=lr)]
 
 
 def _row_logsumexp(values: Tensor, x: SparseRows) -> Tensor:

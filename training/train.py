@@ -46,6 +46,7 @@ from training.checkpoint import Checkpointing
 from training.dataset import HeldOut, Split
 from training.distributed import Group
 from training.sampled import SampledSoftmax
+from training.sampled import optimisers as sampled_optimisers
 
 AnnealCap = float | Literal["auto", "auto-single"]
 # Below this many training users the default kind is Mult-DAE [I -> 200 -> I], from it
@@ -429,12 +430,21 @@ class _Loop:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         model = MultVAE(model_config_for(config, sched, self.split.n_items)).to(device)
         recvae = RecVAESteps(model, config, sched) if sched.model == "recvae" else None
-        optimisers = (
-            recvae.optimisers if recvae is not None
-            else [torch.optim.Adam(model.parameters(), lr=config.lr)]
-        )  # fmt: skip
+        if recvae is not None:
+            optimisers = recvae.optimisers
+        elif self.sampled is not None:  # lazy Adam for the two I-row tables (training.sampled)
+            optimisers = sampled_optimisers(model, config.lr)
+        else:
+            optimisers = [torch.optim.Adam(model.parameters(), lr=config.lr)]
         state, best_state = RunState(cap), {}
         if resumed is not None:
+            if len(resumed.optimisers) != len(optimisers):
+                raise TrainingError(
+                    f"the checkpoint holds {len(resumed.optimisers)} optimiser states and this "
+                    f"run has {len(optimisers)} optimisers (an older multvae wrote it): delete "
+                    f"{self.checkpointing.path if self.checkpointing else 'it'} to train from "
+                    "the start"
+                )
             state = resumed.run
             if resumed.model is not None:
                 model.load_state_dict(resumed.model)
@@ -461,7 +471,7 @@ class _Loop:
                 total, n_seen = recvae.epoch(train, sched.batch_size, rng, device, epoch)
                 state.updates += sched.batches_per_epoch
             else:
-                total, n_seen, beta = self._epoch(net, model, optimisers[0], train, rng,
+                total, n_seen, beta = self._epoch(net, model, optimisers, train, rng,
                                                   schedule, state, epoch)  # fmt: skip
             seconds = time.perf_counter() - tic
             # Losses and validation NDCG@100 summed over the ranks: the same numbers, hence
@@ -517,7 +527,7 @@ class _Loop:
         return self.sched.patience is not None and state.stale >= self.sched.patience
 
     def _epoch(
-        self, net: torch.nn.Module, model: MultVAE, optimiser: torch.optim.Optimizer,
+        self, net: torch.nn.Module, model: MultVAE, optimisers: list[torch.optim.Optimizer],
         train: sp.csr_matrix, rng: np.random.Generator, schedule: BetaSchedule,
         state: RunState, epoch: int,
     ) -> tuple[float, int, float]:
@@ -535,13 +545,14 @@ class _Loop:
             if sched.model == "multvae":
                 beta = schedule(state.updates)
             if self.sampled is not None:  # one process only: train() refuses it under torchrun
-                loss, mu, logvar = self.sampled(model, x)
+                # The L2 penalty (lam) of the rows the batch touched (training.sampled).
+                loss, mu, logvar = self.sampled(model, x, lam)
             else:
                 logits, mu, logvar = net(x)
                 loss = model.neg_log_likelihood(logits, x)
             if logvar is not None:
                 loss = loss + beta * model.kl_divergence(mu, logvar)
-            if lam > 0:
+            if lam > 0 and self.sampled is None:
                 loss = loss + 2 * lam * 0.5 * model.l2_penalty()  # 2 * tf l2_regularizer(lam)
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -549,9 +560,11 @@ class _Loop:
                     f"(beta {beta:.4f}, lr {config.lr}); nothing was written. Lower --lr or "
                     "check the input for extreme values"
                 )
-            optimiser.zero_grad(set_to_none=True)
+            for optimiser in optimisers:
+                optimiser.zero_grad(set_to_none=True)
             (loss * weight).backward()
-            optimiser.step()
+            for optimiser in optimisers:
+                optimiser.step()
             state.updates += 1
             if weight > 0:
                 total += loss.item() * len(mine)

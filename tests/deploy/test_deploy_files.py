@@ -319,9 +319,10 @@ def test_the_image_installs_exactly_what_ci_installs() -> None:
     # CI may empty the index (its pip has the CPU wheel); its default is the image's.
     assert ci_vars["TORCH_INDEX_URL"] == f'"${{TORCH_INDEX_URL-{docker_args["TORCH_INDEX_URL"]}}}"'
     torch_step = '"torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "${TORCH_INDEX_URL}"}'
-    # torch, the dependency layer (stub packages), then the project.
-    assert _pip_installs(docker) == [torch_step, ".", "."]
-    assert _pip_installs(ci)[:2] == [torch_step, "."]  # CI runs the image's steps first
+    # torch, the dependency layer (stub packages), then the project; both with the faiss
+    # extra, so that the image can serve MULTVAE_TOPN_INDEX=faiss.
+    assert _pip_installs(docker) == [torch_step, '".[faiss]"', '".[faiss]"']
+    assert _pip_installs(ci)[:2] == [torch_step, '".[faiss]"']  # the image's steps first
     # The pinned torch satisfies the project's own requirement.
     toml = (ROOT / "pyproject.toml").read_text()
     [torch_req] = [Requirement(r) for r in re.findall(r'"(torch[^"]*)"', toml)]

@@ -73,6 +73,33 @@ def test_topk_rows_masks_each_rows_clicks_and_the_shared_exclude_in_batches() ->
     assert cols.tolist() == [[8, 6], [9, 6], [9, 8]]
 
 
+def test_score_blocks_shrink_with_the_catalogue_to_a_fixed_byte_budget() -> None:
+    from multvae.ranking import SCORE_BLOCK_BYTES, score_block_rows
+
+    assert score_block_rows(20_108) == 1000  # ML-20M: the old fixed block
+    assert score_block_rows(1_000_000) == 67  # 67 x 10^6 x 8 bytes <= 512 MiB
+    assert score_block_rows(10**9) == 1
+    for n_items in (10, 41_140, 67_109, 1_000_000, 3_000_001):
+        rows = score_block_rows(n_items)
+        assert rows == 1000 or rows * n_items * 8 <= SCORE_BLOCK_BYTES < (rows + 1) * n_items * 8
+
+
+def test_topk_rows_scores_blocks_of_the_memory_bounded_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("multvae.ranking.SCORE_BLOCK_BYTES", 8 * 10 * 4)  # 4 rows of 10 items
+    fold_in = sp.csr_matrix(np.eye(10, dtype=np.float32)[:, ::-1])  # row r clicked 9 - r
+    blocks = []
+
+    def score(block: sp.csr_matrix) -> torch.Tensor:
+        blocks.append(block.shape[0])
+        return torch.arange(10, dtype=torch.float32).repeat(block.shape[0], 1)
+
+    cols, _ = topk_rows(score, fold_in, 1)
+    assert blocks == [4, 4, 2]
+    assert cols.ravel().tolist() == [8] + [9] * 9
+
+
 def test_summary_mean_and_standard_error() -> None:
     s = summarise({"m": np.array([0.0, 1.0, 0.5, 0.5])})["m"]
     assert s["mean"] == pytest.approx(0.5)

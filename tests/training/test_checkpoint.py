@@ -82,6 +82,15 @@ CASES = {
         TrainConfig(model="multvae", epochs=6, anneal_cap="auto-single", total_anneal_steps=40,
                     lr=3e-2, patience=None, **FAST), 4,
     ),
+    # the sampled softmax: SparseAdam for the two I-row tables, Adam for the rest; the DAE's
+    # L2 penalty on the rows each batch touches
+    "sampled softmax": (
+        TrainConfig(model="multvae", epochs=4, sampled_softmax=30, patience=None, **FAST), 2
+    ),
+    "sampled softmax, multdae": (
+        TrainConfig(model="multdae", epochs=4, sampled_softmax=30, lr=3e-2, patience=None,
+                    **FAST), 3,
+    ),
     # two optimisers and the previous epoch's encoder
     "recvae": (
         TrainConfig(model="recvae", epochs=3, hidden_dims=(32,), patience=None, encoder_epochs=1,

@@ -63,18 +63,50 @@ def test_many_samples_give_the_full_softmax_likelihood(proposal: str) -> None:
     assert sampler(model, rows)[0].item() == pytest.approx(full, rel=2e-3)
 
 
-def test_only_the_clicked_and_sampled_rows_of_the_output_layer_get_gradient() -> None:
+def _rows_with_gradient(grad: torch.Tensor | None) -> set[int]:
+    assert grad is not None
+    assert grad.is_sparse  # for torch.optim.SparseAdam
+    grad = grad.coalesce()
+    nonzero = grad.values().abs().sum(dim=1) > 0
+    return set(grad.indices()[0][nonzero].cpu().tolist())
+
+
+@pytest.mark.parametrize("l2", [0.0, 0.5])
+def test_only_the_clicked_and_sampled_rows_of_the_two_tables_get_gradient(l2: float) -> None:
     model, x, rows = _batch(n_users=3, n_items=400, density=0.02)
     sampler = SampledSoftmax(torch.ones(400, device=DEVICE), 10)
     torch.manual_seed(2)
     draws = torch.multinomial(sampler.proposal, 10, replacement=True)
     torch.manual_seed(2)  # the model is in eval mode: the draw is the loss's only randomness
-    sampler(model, rows)[0].backward()
-    touched = set(x.indices.tolist()) | set(draws.cpu().tolist())
-    grad = model.output_layer.weight.grad
-    assert grad is not None
-    assert set(torch.nonzero(grad.abs().sum(dim=1)).ravel().cpu().tolist()) == touched
+    sampler(model, rows, l2)[0].backward()
+    clicked = set(x.indices.tolist())
+    touched = clicked | set(draws.cpu().tolist())
+    assert _rows_with_gradient(model.input_weight.grad) == clicked
+    assert _rows_with_gradient(model.output_layer.weight.grad) == touched
     assert len(touched) < 40
+
+
+def test_many_samples_give_the_full_softmax_gradient() -> None:
+    # The estimator's gradient, sparse, converges to the full softmax's, dense.
+    model, x, rows = _batch()
+    full_softmax(model, rows)[0].backward()
+    tables = (model.input_weight, model.output_layer.weight)
+    expected = [p.grad.clone() for p in tables if p.grad is not None]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    SampledSoftmax(torch.ones(x.shape[1], device=DEVICE), 200_000)(model, rows)[0].backward()
+    for table, dense in zip(tables, expected, strict=True):
+        assert table.grad is not None
+        assert table.grad.is_sparse
+        torch.testing.assert_close(table.grad.to_dense(), dense, rtol=0.0, atol=5e-3)
+
+
+def test_the_penalty_of_every_row_is_the_dae_penalty() -> None:
+    model, _, _ = _batch()
+    every = torch.arange(model.config.n_items, device=DEVICE)
+    assert model.l2_penalty_rows(every, every).item() == pytest.approx(
+        model.l2_penalty().item(), rel=1e-6
+    )
 
 
 def _popularity_ndcg(split: Split) -> float:
