@@ -265,7 +265,7 @@ def serve_stage(args: argparse.Namespace) -> None:
     serve = sp.csr_matrix(sp.load_npz(args.work / "serve.npz"))
     n_items = serve.shape[1]
     model = MultVAE(ModelConfig(p_dims=(args.latent, args.hidden, n_items)))
-    model.load_state_dict(torch.load(args.work / "model.pt"))
+    model.load_state_dict(torch.load(args.weights or args.work / "model.pt"))
     model.eval()
     items = ItemIndex.build([str(c) for c in range(n_items)], np.ones(n_items, dtype=np.int64))
     histories = [
@@ -374,6 +374,8 @@ def main() -> None:
     parser.add_argument("--validation-users", type=int, default=1000, help="--stage epochs")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch (and FAISS) threads; 0 = their defaults")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="--stage serve: a state dict to serve (default: WORK/model.pt)")
     parser.add_argument("--margins", default="100",
                         help="--stage serve: candidates beyond n + history asked of the index")
     parser.add_argument("--memory-limit-gb", type=float, default=0.0)

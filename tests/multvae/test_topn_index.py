@@ -69,7 +69,8 @@ def test_an_index_searching_everything_equals_exact(factory: str, metric: str) -
 
 def test_recall_at_100_on_a_larger_catalogue() -> None:
     # Random weights with a wide bias: the L2 reduction's case (inner product finds ~0.6 here;
-    # on the trained million-item model it is the other way round, bench/RESULTS.md).
+    # on the trained million-item model HNSW finds more by inner product, IVF by the L2
+    # reduction, bench/RESULTS.md).
     n_items = 20_000
     model, items = _model(n_items, seed=2), _items(n_items)
     spec = IndexSpec(metric="l2")  # HNSW32,Flat, efSearch=128: the defaults otherwise
