@@ -249,7 +249,7 @@ class MultVAE(nn.Module):
 
     # -- encoder ---------------------------------------------------------------------------
 
-    def _first_layer(self, x: SparseRows, dropout: float, sparse_grad: bool) -> Tensor:
+    def _first_layer(self, x: SparseRows, dropout: float, sparse_grad: bool = False) -> Tensor:
         # L2-normalise each row, then input dropout on the surviving entries (scaled 1/(1-p)),
         # exactly F.dropout(F.normalize(dense_x)) restricted to the non-zeros.
         norms = torch.zeros(x.batch_size, device=x.values.device)
