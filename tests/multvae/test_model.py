@@ -101,14 +101,22 @@ def test_config_round_trip_and_validation() -> None:
         ModelConfig.default("multvae", 10, dropout=1.0)
 
 
-def test_sparse_first_layer_gradient_equals_dense() -> None:
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_sparse_first_layer_gradient_equals_dense(sparse_grad: bool) -> None:
+    # sparse_grad: the gradient as a sparse tensor over the clicked rows (SparseAdam's input).
     torch.manual_seed(0)
     model = MultVAE(ModelConfig.default("multvae", 40))
     x = SparseRows.from_csr(_batch())
     upstream = torch.randn(x.batch_size, 600)
-    (model._first_layer(x, dropout=0.0) * upstream).sum().backward()
-    sparse_grad = model.input_weight.grad.clone()  # type: ignore[union-attr]
+    (model._first_layer(x, dropout=0.0, sparse_grad=sparse_grad) * upstream).sum().backward()
+    grad = model.input_weight.grad
+    assert grad is not None
+    assert grad.is_sparse == sparse_grad
+    if sparse_grad:
+        assert set(grad.coalesce().indices()[0].tolist()) == set(x.indices.tolist())
+        grad = grad.to_dense()
+    got = grad.clone()
     model.input_weight.grad = None
     dense = F.normalize(x.to_dense(), dim=1)
     ((dense @ model.input_weight + model.input_bias) * upstream).sum().backward()
-    torch.testing.assert_close(sparse_grad, model.input_weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, model.input_weight.grad, rtol=1e-5, atol=1e-6)

@@ -143,3 +143,20 @@ def test_a_damaged_checkpoint_is_a_clear_error(split: Split, tmp_path: Path) -> 
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(TrainingError, match=r"cannot read the checkpoint .* delete it"):
         train(split, config, checkpointing=_checkpointing(path, config, resume=True))
+
+
+def test_a_sampled_softmax_checkpoint_with_one_optimiser_is_a_clear_error(
+    split: Split, tmp_path: Path
+) -> None:
+    # Before the lazy optimiser, a --sampled-softmax run checkpointed one dense Adam.
+    config = TrainConfig(model="multdae", epochs=2, sampled_softmax=30, patience=None, **FAST)
+    path = tmp_path / checkpoint.CHECKPOINT_FILE
+    with pytest.raises(StoppedError):
+        train(split, config, on_epoch=_stop_after(1),
+              checkpointing=_checkpointing(path, config, resume=False))  # fmt: skip
+    state = torch.load(path, weights_only=True)
+    assert len(state["optimisers"]) == 2  # SparseAdam for the two tables, Adam for the rest
+    state["optimisers"] = state["optimisers"][1:]
+    torch.save(state, path)
+    with pytest.raises(TrainingError, match=r"holds 1 optimiser states .* delete .* from the st"):
+        train(split, config, checkpointing=_checkpointing(path, config, resume=True))
