@@ -56,6 +56,10 @@ class ModelConfig:
     # Gaussian likelihood confidence weights (Hu et al.): c1 on clicks, c0 on the zeros.
     gaussian_c0: float = 1.0
     gaussian_c1: float = 10.0
+    # The item-item path (fitted after training): each item's ``item_neighbours`` strongest EASE
+    # weights, added to the decoder logits times ``item_weight``; 0 neighbours = none.
+    item_neighbours: int = 0
+    item_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.p_dims) < 2 or any(d <= 0 for d in self.p_dims):
@@ -79,6 +83,11 @@ class ModelConfig:
                     f"a RecVAE encoder needs >= 1 hidden layer, all of one width (dense "
                     f"connections add them): q_dims [I, H, ..., H, K], got {q}"
                 )
+        if self.item_neighbours < 0 or self.item_weight < 0.0:
+            raise ValueError(
+                f"item_neighbours and item_weight must be >= 0, got {self.item_neighbours} "
+                f"and {self.item_weight}"
+            )
         if self.likelihood not in ("multinomial", "gaussian", "logistic"):
             raise ValueError(
                 f"likelihood must be multinomial, gaussian or logistic, got {self.likelihood!r}"
@@ -246,6 +255,15 @@ class MultVAE(nn.Module):
             nn.LayerNorm(width, eps=RECVAE_LAYER_NORM_EPS)
             for width in (q[1:-1] if config.kind == "recvae" else ())
         )
+        # The item-item path: row c holds item c's neighbours and their EASE weights B[c, j].
+        # Buffers, not parameters: fitted in closed form after training, never by the optimiser.
+        # Only where there is a path, so versions without one keep their state dict.
+        width = config.item_neighbours
+        shape = (config.n_items, width)
+        self.neighbours: Tensor | None
+        self.neighbour_weights: Tensor | None
+        self.register_buffer("neighbours", torch.zeros(shape, dtype=torch.int64) if width else None)
+        self.register_buffer("neighbour_weights", torch.zeros(shape) if width else None)
 
     # -- encoder ---------------------------------------------------------------------------
 
@@ -323,6 +341,23 @@ class MultVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """Decoder logits f_theta(z): (B, K) -> (B, I)."""
         return self.output_layer(self.decode_hidden(z))
+
+    def item_path(self, x: SparseRows) -> Tensor:
+        """(B, I) the item-item path's scores x B over the stored neighbours (zero without)."""
+        out = torch.zeros(x.batch_size, self.config.n_items, device=x.values.device)
+        if self.neighbours is not None and self.neighbour_weights is not None:
+            cols = self.neighbours[x.indices]  # (nnz, m)
+            weights = self.neighbour_weights[x.indices] * x.values[:, None]
+            out.index_put_((x.rows[:, None].expand_as(cols), cols), weights, accumulate=True)
+        return out
+
+    def fold_in(self, x: SparseRows) -> Tensor:
+        """(B, I) the scores a history ranks items by: the decoder logits at the encoder mean
+        (Section 2.4), plus ``item_weight`` times the item-item path where there is one."""
+        logits = self.decode(self.encode(x)[0])
+        if self.config.item_neighbours:
+            logits = logits + self.config.item_weight * self.item_path(x)
+        return logits
 
     def latent(
         self, x: SparseRows, sparse_grad: bool = False

@@ -32,8 +32,8 @@ Ranked = tuple[NDArray[np.int64], NDArray[np.float32]]  # columns, scores
 
 @torch.no_grad()
 def fold_in_scores(model: MultVAE, x: SparseRows) -> Tensor:
-    """(B, I) decoder logits at the encoder mean, in fp32 through the model's own layers."""
-    return model.decode(model.encode(x)[0])
+    """(B, I) the model's scores at the encoder mean (:meth:`MultVAE.fold_in`), in fp32."""
+    return model.fold_in(x)
 
 
 def block_scorer(model: MultVAE) -> Callable[[sp.csr_matrix], Tensor]:
@@ -203,18 +203,23 @@ class Recommender:
         allowed: list[NDArray[np.int64] | None],
     ) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
         """:func:`mask_and_topk` over each row's candidates only: the index's proposals (or
-        the query's own ``candidates``), scored exactly by the output layer."""
+        the query's own ``candidates``), scored exactly by the output layer. With an item-item
+        path, the history's neighbours join the proposals and the path's scores are added."""
         assert self.index is not None
         hidden = self.model.decode_hidden(self.model.encode(x)[0])  # (B, d)
         wanted = k + max(len(m) for m in masked) + self.index.spec.margin
         proposed = self.index.propose(hidden, wanted) if any(a is None for a in allowed) else None
+        path = self.model.item_path(x) if self.model.config.item_neighbours else None
         rows = []
         for b, limit in enumerate(allowed):
             if limit is not None:
                 rows.append(np.unique(limit))
             else:
                 assert proposed is not None
-                rows.append(proposed[b][proposed[b] >= 0])
+                cand = proposed[b][proposed[b] >= 0]
+                if path is not None:
+                    cand = np.union1d(cand, path[b].nonzero()[:, 0].cpu().numpy())
+                rows.append(cand)
         width = max(max(len(r) for r in rows), 1)
         columns = np.full((len(rows), width), -1, dtype=np.int64)
         scores = torch.full((len(rows), width), -torch.inf, device=hidden.device)
@@ -223,6 +228,8 @@ class Recommender:
             columns[b, : len(cand)] = cand
             at = torch.from_numpy(cand).to(hidden.device)
             scores[b, : len(cand)] = layer.weight[at] @ hidden[b] + layer.bias[at]
+            if path is not None:
+                scores[b, : len(cand)] += self.model.config.item_weight * path[b, at]
         local = [
             np.flatnonzero((columns[b] < 0) | np.isin(columns[b], masked[b]))
             for b in range(len(rows))

@@ -39,14 +39,22 @@ def _anneal_cap(text: str) -> float | str:
     return value
 
 
-def positive_int(text: str) -> int:
+def _whole(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= {least}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _whole(text, 0)
 
 
 def _heldout(text: str) -> float:
@@ -203,6 +211,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "corrected) estimate the normaliser instead of scoring every item; for catalogues of "
         "100,000s of items (default: the full softmax, the paper's; docs/training.md)",
     )
+    g.add_argument(
+        "--item-neighbours",
+        type=non_negative_int,
+        metavar="M",
+        help="the item-item path beside the network: each item's M strongest EASE weights, "
+        "added to the logits with a weight chosen on the validation users (default 256; 0 "
+        "= the network alone, as under the paper presets; docs/training.md)",
+    )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -225,6 +241,7 @@ CONFIG_FLAGS = (
     "gamma",
     "encoder_epochs",
     "sampled_softmax",
+    "item_neighbours",
 )
 
 

@@ -217,24 +217,40 @@ def ease_scorer(weights: NDArray[np.float32]) -> Scorer:
     return lambda block: np.asarray(block.astype(weights.dtype) @ weights)
 
 
-def ease_dual_scorer(train: sp.csr_matrix, l2: float, chunk: int = 2048) -> Scorer:
+@dataclass
+class _Dual:
+    """EASE's dual pieces for fewer training users U than items: the training matrix, its
+    transpose, K = (X X^T + lambda I)^-1 (U x U) and diag(X^T K X)."""
+
+    x: sp.csr_matrix
+    xt: sp.csr_matrix
+    kernel: NDArray[np.float64]
+    qdiag: NDArray[np.float64]
+
+    @classmethod
+    def fit(cls, train: sp.csr_matrix, l2: float, chunk: int = 2048) -> _Dual:
+        x = sp.csr_matrix(train, dtype=np.float64)
+        xt = sp.csr_matrix(x.T)
+        k = torch.from_numpy((x @ xt).toarray())  # X X^T, U x U
+        _invert_regularised_(k, l2, "X X^T")
+        kernel = k.numpy()  # symmetric
+        # diag(X^T K X)_j = x_j^T K x_j over item columns x_j, a chunk of items at a time.
+        qdiag = np.empty(x.shape[1])
+        for start in range(0, x.shape[1], chunk):
+            cols = xt[start : start + chunk]  # (c, U)
+            qdiag[start : start + chunk] = np.asarray(
+                cols.multiply(cols @ kernel).sum(axis=1)
+            ).ravel()
+        return cls(x, xt, kernel, qdiag)
+
+
+def ease_dual_scorer(train: sp.csr_matrix, l2: float) -> Scorer:
     """EASE's scores x B without B, for fewer training users U than items (see the module doc).
 
     Costs a U x U Cholesky inverse (float64) per lambda instead of an I x I one.
     """
-    x = sp.csr_matrix(train, dtype=np.float64)
-    xt = sp.csr_matrix(x.T)
-    k = torch.from_numpy((x @ xt).toarray())  # X X^T, U x U
-    _invert_regularised_(k, l2, "X X^T")
-    kernel = k.numpy()  # K = (X X^T + lambda I)^-1, symmetric
-    # diag(X^T K X)_j = x_j^T K x_j over item columns x_j, a chunk of items at a time.
-    xc = sp.csc_matrix(x)
-    qdiag = np.empty(x.shape[1])
-    for start in range(0, x.shape[1], chunk):
-        cols = sp.csr_matrix(xc[:, start : start + chunk].T)  # (c, U)
-        qdiag[start : start + chunk] = np.asarray(
-            cols.multiply(cols @ kernel).sum(axis=1)
-        ).ravel()
+    dual = _Dual.fit(train, l2)
+    xt, kernel, qdiag = dual.xt, dual.kernel, dual.qdiag
     scale = 1.0 / (1.0 - qdiag)  # 1 / (lambda P_jj) > 0: P is positive definite
 
     def score(block: sp.csr_matrix) -> NDArray[np.float64]:
@@ -245,6 +261,43 @@ def ease_dual_scorer(train: sp.csr_matrix, l2: float, chunk: int = 2048) -> Scor
         return xq * scale[None, :]
 
     return score
+
+
+def ease_neighbours(
+    train: sp.csr_matrix, l2: float, width: int, block: int = 1024
+) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+    """Each item's ``width`` largest EASE weights by magnitude: (I, m) columns j and B[i, j].
+
+    The rows of B are built a block of items at a time, from the I x I inverse or, with
+    fewer training users than items, from the dual (B[i, j] = (X^T K X)_ij / (1 - q_j) off
+    the diagonal), so the dual never holds more than a block of B.
+    """
+    n = train.shape[1]
+    width = min(width, n)
+    cols = np.empty((n, width), dtype=np.int64)
+    vals = np.empty((n, width), dtype=np.float32)
+    if ease_is_dual(train.shape[0], n):
+        dual = _Dual.fit(train, l2)
+        scale = 1.0 / (1.0 - dual.qdiag)
+
+        def rows(start: int, stop: int) -> NDArray[np.floating]:
+            kx = np.asarray(dual.xt[start:stop] @ dual.kernel)  # (b, U)
+            out = np.asarray(dual.xt @ kx.T).T * scale[None, :]  # (b, I)
+            out[np.arange(stop - start), np.arange(start, stop)] = 0.0
+            return out
+    else:
+        weights = ease_weights(train, l2)
+
+        def rows(start: int, stop: int) -> NDArray[np.floating]:
+            return weights[start:stop]
+
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        b = rows(start, stop)
+        top = np.argpartition(-np.abs(b), width - 1, axis=1)[:, :width]
+        cols[start:stop] = top
+        vals[start:stop] = np.take_along_axis(b, top, axis=1)
+    return cols, vals
 
 
 def ease_fit(train: sp.csr_matrix, l2: float) -> Scorer:

@@ -106,6 +106,8 @@ def run_train(
         f"batch {r.plan.batch_size}{ranks}) in {r.seconds:.1f}s; best epoch {r.best_epoch}, "
         f"beta {r.beta:.3f}, validation NDCG@100 {r.best_val_ndcg:.4f}"
     )
+    if r.item_path is not None:
+        print(describe_item_path(r.item_path))
     print(format_evaluation("test", trained.test))
     where = Path(args.out) / VERSIONS / str(trained.version)
     print(
@@ -113,6 +115,20 @@ def run_train(
         + ("" if args.no_promote else " (CURRENT)")
     )
     return 0
+
+
+def describe_item_path(summary: dict[str, Any]) -> str:
+    """One line on training.itempath's outcome."""
+    if "reason" in summary:
+        return f"item-item path: none ({summary['reason']})"
+    if not summary["fitted"]:
+        return (f"item-item path: none (the network alone is best on the validation users, "
+                f"NDCG@100 {summary['network_val_ndcg@100']:.4f})")  # fmt: skip
+    return (
+        f"item-item path: EASE lambda {summary['l2']:g}, {summary['neighbours']} neighbours per "
+        f"item, weight {summary['weight']:g}; validation NDCG@100 {summary['val_ndcg@100']:.4f} "
+        f"(network alone {summary['network_val_ndcg@100']:.4f})"
+    )
 
 
 def _duration(text: str) -> float:

@@ -175,6 +175,7 @@ def write_trained(
         "train_seconds": result.seconds,
         "history": [asdict(r) for r in result.history],
         "anneal_search": [asdict(r) for r in result.anneal_search],
+        "item_path": result.item_path,
         **(extra_metrics or {}),
     }
     extra = {

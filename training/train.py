@@ -45,6 +45,7 @@ from training import checkpoint
 from training.checkpoint import Checkpointing
 from training.dataset import HeldOut, Split
 from training.distributed import Group
+from training.itempath import fit_item_path
 from training.sampled import SampledSoftmax
 from training.sampled import optimisers as sampled_optimisers
 
@@ -53,6 +54,7 @@ AnnealCap = float | Literal["auto", "auto-single"]
 # Mult-VAE [I -> 600 -> 200 -> 600 -> I] (bench/RESULTS.md, "issue 9").
 SMALL_DATA_USERS = 10_000
 RECVAE_HIDDEN = (600,) * 5  # Shenbin et al.'s encoder: five densely connected layers of 600
+ITEM_NEIGHBOURS = 256  # per item in the item-item path (bench/RESULTS.md, "The item-item path")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class TrainConfig:
     # Sampled softmax (training.sampled): this many items drawn per batch estimate the
     # multinomial's normaliser; None = the full softmax over every item (the paper's).
     sampled_softmax: int | None = None
+    # The item-item path (training.itempath): each item's this many strongest EASE weights,
+    # added to the logits with a weight chosen on the validation users; 0 = the network alone.
+    item_neighbours: int = ITEM_NEIGHBOURS
 
     @classmethod
     def paper(
@@ -106,6 +111,7 @@ class TrainConfig:
             "total_anneal_steps": 200_000,
             "patience": None,
             "min_updates": 0,
+            "item_neighbours": 0,
         }
         fields.update(overrides)
         return cls(**fields)
@@ -218,6 +224,7 @@ class TrainResult:
     history: list[EpochRecord] = field(default_factory=list)
     anneal_search: list[EpochRecord] = field(default_factory=list)  # first run of cap="auto"
     seconds: float = 0.0
+    item_path: dict[str, Any] | None = None  # training.itempath's summary, where it ran
 
 
 def _batches(x: sp.csr_matrix, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -636,7 +643,13 @@ def train(
         result = loop.run(found, False, "final", resumed, (history, seconds))
         result.anneal_search = history
         result.seconds += seconds
-        return result
-    if cap == "auto-single":
-        return loop.run(1.0, True, "final", resumed)
-    return loop.run(float(cap), False, "final", resumed)
+    elif cap == "auto-single":
+        result = loop.run(1.0, True, "final", resumed)
+    else:
+        result = loop.run(float(cap), False, "final", resumed)
+    if config.item_neighbours and group.leader:  # the leader holds the best epoch's weights
+        tic = time.perf_counter()
+        result.model, result.item_path = fit_item_path(result.model, split,
+                                                       config.item_neighbours)  # fmt: skip
+        result.seconds += time.perf_counter() - tic
+    return result

@@ -6,8 +6,9 @@ the per-epoch validation curve (median rule). The first trials are the defaults 
 kind searched, so the search can only improve on ``multvae train``. The study lives in SQLite
 under the model directory (``MODEL_DIR/tune/study.db``), so a search stopped by Ctrl-C or by
 its time budget resumes with ``--resume``. At the end the best trial's configuration is trained
-again (same seed, same result) and written as a normal version whose metrics.json holds the
-whole search.
+again (same seed, same result), with the item-item path of ``multvae train`` when ``base``
+has one (:mod:`training.itempath`; trials train the network alone, the path is fitted once to
+the winner), and written as a normal version whose metrics.json holds the whole search.
 
 The search space (:func:`suggest`; docs/tuning.md gives the reasons):
 
@@ -219,7 +220,9 @@ def tune(
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        return train(data.split, config, on_epoch=report).best_val_ndcg
+        # Trials compare networks; the item-item path is fitted once, to the winner.
+        return train(data.split, replace(config, item_neighbours=0),
+                     on_epoch=report).best_val_ndcg  # fmt: skip
 
     remaining = None if trials is None else max(0, trials - _finished(study))
     if remaining != 0:

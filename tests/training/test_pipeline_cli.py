@@ -215,6 +215,7 @@ def test_preset_ml_20m_trains_the_papers_exact_configuration(tmp_path: Path) -> 
     assert config["model"] == {
         "kind": "multvae", "p_dims": [200, 600, n_items], "q_dims": None, "dropout": 0.5,
         "likelihood": "multinomial", "gaussian_c0": 1.0, "gaussian_c1": 10.0,
+        "item_neighbours": 0, "item_weight": 0.0,  # the paper's model has no item-item path
     }  # fmt: skip
     training = config["training"]
     expected = {

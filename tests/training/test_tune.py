@@ -61,10 +61,14 @@ def test_tune_runs_resumes_and_writes_a_verifiable_version(
     assert search["best_val_ndcg@100"] == max(t["val_ndcg@100"] for t in finished)
     best = search["trials"][search["best_trial"]]
     assert version.config["model"]["kind"] == best["params"]["model"]
-    # the version is the best trial retrained: the same validation score
+    # the version is the best trial retrained (the same network, the same validation score),
+    # then given the item-item path, chosen on those users: never worse than the network
+    path = version.metrics["item_path"]
+    assert path["network_val_ndcg@100"] == pytest.approx(search["best_val_ndcg@100"])
     assert version.metrics["validation"]["metrics"]["ndcg@100"]["mean"] == pytest.approx(
-        search["best_val_ndcg@100"]
+        path["val_ndcg@100"]
     )
+    assert path["val_ndcg@100"] >= path["network_val_ndcg@100"]
     assert json.loads((version.path / "metrics.json").read_text())["search"] == search
     # the report shows the search, one row per trial
     assert main(["evaluate", str(models), "--version", versions[-1], "--report"]) == 0
