@@ -186,10 +186,14 @@ class MicroBatcher:
             and len(self._pending) == 1
             and len(self._pending[0].queries) < self.max_batch
         ):
+            # Woken by the next arrival or, at the latest, by the window's end (a timer that
+            # sets the event: cheaper than a timeout, which cancels the task and raises).
             self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.wait_s):
-                    await self._arrived.wait()
+            window = asyncio.get_running_loop().call_later(self.wait_s, self._arrived.set)
+            try:
+                await self._arrived.wait()
+            finally:
+                window.cancel()
         jobs = [self._pending.popleft()]
         rows = len(jobs[0].queries)
         while self._pending and rows + len(self._pending[0].queries) <= self.max_batch:

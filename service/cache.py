@@ -183,6 +183,11 @@ class RedisCache:
             return
         px = max(1, round(ttl_s * 1000))
 
+        if len(entries) == 1:  # a lone SET costs the event loop less than a pipeline of one
+            key, value = entries[0]
+            await self._run("SET", lambda: self.client.set(key, value, px=px))
+            return
+
         async def pipelined() -> object:
             # One round trip for all of them; not a transaction (no MULTI): each SET stands alone.
             pipe = self.client.pipeline(transaction=False)
