@@ -48,7 +48,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "dae": {"model": "multdae"},
     "dae-net": {"model": "multdae", "item_neighbours": 0},
     "dae-n64": {"model": "multdae", "item_neighbours": 64},
-    "dae-n1024": {"model": "multdae", "item_neighbours": 1024},
+    "dae-n256": {"model": "multdae", "item_neighbours": 256},
     "ease": {"baseline": "ease"},
     "ease-wide": {"baseline": "ease", "grid": (5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)},
     "dae-z600": {"model": "multdae", "latent_dim": 600},

@@ -216,7 +216,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         metavar="M",
         help="the item-item path beside the network: each item's M strongest EASE weights, "
-        "added to the logits with a weight chosen on the validation users (default 256; 0 "
+        "added to the logits with a weight chosen on the validation users (default 1024; 0 "
         "= the network alone, as under the paper presets; docs/training.md)",
     )
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -9,9 +9,9 @@ history exactly as the network does: the service, the cache, ``compare`` and the
 gate see one model.
 
 Why: the network is a low-rank model of the catalogue. Where items outnumber training users
-(CiteULike-t: 25,000 items, 6,300 users) a full-rank item-item model is ahead of the whole VAE
-family, and the two err differently, so their sum is ahead of both (bench/RESULTS.md, "The
-item-item path").
+(CiteULike-t: 24,100 items, 4,175 training users) a full-rank item-item model is ahead of the
+whole VAE family, and the two err differently, so their sum is ahead of both (bench/RESULTS.md,
+"The item-item path").
 
 Fitting (:func:`fit_item_path`, after training, on the leader): EASE's lambda from
 :data:`training.baselines.EASE_GRID` by the validation users' NDCG@100 (as ``multvae

@@ -54,7 +54,7 @@ AnnealCap = float | Literal["auto", "auto-single"]
 # Mult-VAE [I -> 600 -> 200 -> 600 -> I] (bench/RESULTS.md, "issue 9").
 SMALL_DATA_USERS = 10_000
 RECVAE_HIDDEN = (600,) * 5  # Shenbin et al.'s encoder: five densely connected layers of 600
-ITEM_NEIGHBOURS = 256  # per item in the item-item path (bench/RESULTS.md, "The item-item path")
+ITEM_NEIGHBOURS = 1024  # per item in the item-item path (bench/RESULTS.md, "The item-item path")
 
 
 @dataclass(frozen=True)
