@@ -622,13 +622,14 @@ def run(args: argparse.Namespace) -> None:
             print(f"{label}:", flush=True)
             server = Process(argv, env, work / f"service-{workers}.log", port, cwd=source)
             bench.workers = workers
-            if "miss" in args.modes:
-                per_worker = max(1, threads // workers)
-                argv = [*bench.server_cpus, sys.executable, __file__, "in-process",
-                        "--model-dir", str(model_dir), "--threads", str(per_worker),
-                        "--repeat", str(args.repeat)]  # fmt: skip
-                bench.reference = Reference(argv, {"PYTHONPATH": str(source)}, args.rounds)
             try:
+                if "miss" in args.modes:  # the misses' reference, with each worker's threads
+                    per_worker = max(1, threads // workers)
+                    in_argv = [*bench.server_cpus, sys.executable, __file__, "in-process",
+                               "--model-dir", str(model_dir), "--threads", str(per_worker),
+                               "--repeat", str(args.repeat)]  # fmt: skip
+                    env_in = {"PYTHONPATH": str(source)}
+                    bench.reference = Reference(in_argv, env_in, args.rounds)
                 bench.step(server, "miss", 20, 2.0)  # unrecorded: lazy initialisation
                 entry: dict[str, Any] = {}
                 for mode in args.modes:
