@@ -26,10 +26,14 @@ measured in the same run:
   adds ``h11`` and ``bare-h11`` (uvicorn ``--http h11``), ``--service-env
   MULTVAE_ACCESS_LOG=false`` takes the service's access line away (compare with ``bare``);
 * misses: the same model's in-process batched fold-in (``Recommender.recommend_batch``), in
-  CPU per history with the torch threads each worker has, pinned like the servers, at the
-  mean pass size the workers formed at that load (every worker's batch-size histogram, read
-  by scraping ``/metrics`` until each worker has answered; the cost of a pass is taken as
-  linear between the integer sizes measured around the mean, see :func:`reference_us`).
+  CPU per history, in a process pinned like the servers with the torch threads each worker
+  has, that lives as long as the server. Right after each reported step, while the server is
+  idle, it is timed in ``--rounds`` short rounds (warm passes back to back, ``--repeat`` of
+  them timed per size) at the mean pass size the workers formed in that step (every worker's
+  batch-size histogram, read by scraping ``/metrics`` until each worker has answered; the
+  cost of a pass is taken as linear between the integer sizes timed around the mean, see
+  :func:`reference_us`); the step's reference is the median of its rounds (min and max are
+  reported), so a neighbour's burst during one round does not move it.
 
 The summary at the end gives, per load, the ratios the targets are about.
 
@@ -323,6 +327,7 @@ class Bench:
         self.server_cpus, self.generator_cpus = _cpus()
         self.seed = 0
         self.workers = 1  # of the server under test
+        self.reference: Reference | None = None  # of the server under test, for misses
 
     def step(self, server: Process, mode: str, rate: float, duration: float) -> dict[str, Any]:
         assert server.port is not None
@@ -383,10 +388,20 @@ class Bench:
                 good, bad = (rate, bad) if passes(rate) else (good, rate)
         return good, steps
 
+    def measured(self, server: Process, mode: str, rate: float) -> dict[str, Any]:
+        """A step at one of the reported loads; for misses, right after it (the server idle),
+        the in-process reference at the pass size that step formed, and the ratio."""
+        result = self.step(server, mode, rate, self.args.measure_s)
+        if mode == "miss" and self.reference is not None:
+            reference = self.reference.measure(result["mean_batch"] or 1.0)
+            result["in_process"] = reference
+            result["ratio"] = result["cpu_us"] / reference["median_us"]
+        return result
+
     def at_rates(self, server: Process, mode: str, rates: list[float]) -> list[dict[str, Any]]:
         rows = []
         for rate in rates:
-            result = self.step(server, mode, rate, self.args.measure_s)
+            result = self.measured(server, mode, rate)
             rows.append(result)
             print(f"    {mode} at {rate:.0f} req/s: {_short(result)}", flush=True)
         return rows
@@ -394,7 +409,7 @@ class Bench:
     def at_loads(self, server: Process, mode: str, capacity: float) -> list[dict[str, Any]]:
         rows = []
         for share in (0.5, 0.8):
-            result = self.step(server, mode, capacity * share, self.args.measure_s)
+            result = self.measured(server, mode, capacity * share)
             result["share"] = share
             rows.append(result)
             print(f"    {mode} {share:.0%} of {capacity:.0f}: {_short(result)}", flush=True)
@@ -407,7 +422,11 @@ def _kinds(r: dict[str, Any]) -> str:
 
 
 def _short(r: dict[str, Any]) -> str:
-    batch = f", batch {r['mean_batch']:.1f}" if r.get("mean_batch") else ""
+    batch = f", batch {r['mean_batch']:.2f}" if r.get("mean_batch") else ""
+    ref = r.get("in_process")
+    if ref:
+        batch += (f"; in process {ref['median_us']:.0f} µs/history (rounds {ref['min_us']:.0f}-"
+                  f"{ref['max_us']:.0f}), {r['ratio']:.2f}x")  # fmt: skip
     return (
         f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['cpu_us']:.0f} µs CPU/req, "
         f"{r['failures']} failed{_kinds(r)}, late {r['generator_late_s']:.2f} s{batch}"
@@ -430,7 +449,9 @@ def _write_model(model_dir: Path) -> str:
 
 
 def in_process(args: argparse.Namespace) -> None:
-    """CPU seconds per history of ``recommend_batch`` at each of ``--batch`` sizes (JSON)."""
+    """Time ``recommend_batch`` in rounds: one JSON line on stdin, ``{"batch": [sizes]}``, is
+    answered by one JSON line, CPU µs per history at each size: ``--warm`` passes, then
+    ``--repeat`` passes timed, back to back. The first line out says the model is loaded."""
     import torch
 
     from multvae import recommend
@@ -439,8 +460,8 @@ def in_process(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     loaded = load_version(args.model_dir)
     rng = random.Random(7)
-    largest = max(args.batch)
-    histories = [rng.sample(range(N_ITEMS), rng.randint(10, 100)) for _ in range(largest)]
+    # More histories than a pass holds (MULTVAE_BATCH_MAX_SIZE, 64 by default).
+    histories = [rng.sample(range(N_ITEMS), rng.randint(10, 100)) for _ in range(256)]
     if hasattr(recommend, "Query"):  # ids in, (item, score) out
         recommender = recommend.Recommender(loaded.model, loaded.items, loaded.version)
         queries = [recommend.Query([str(c) for c in h], 20) for h in histories]
@@ -456,15 +477,65 @@ def in_process(args: argparse.Namespace) -> None:
         def fold_in(k: int) -> object:
             return old.recommend_batch(columns[:k], [20] * k, [recommend.EMPTY] * k)
 
-    per_history = {}
-    for k in args.batch:
-        for _ in range(3):
-            fold_in(k)
-        cpu = time.process_time()
-        for _ in range(args.repeat):
-            fold_in(k)
-        per_history[k] = (time.process_time() - cpu) * 1e6 / (args.repeat * k)
-    print(json.dumps({"threads": args.threads, "cpu_us_per_history": per_history}))
+    print(json.dumps({"threads": args.threads}), flush=True)
+    for line in sys.stdin:
+        per_history = {}
+        for k in json.loads(line)["batch"]:
+            for _ in range(args.warm):
+                fold_in(k)
+            cpu = time.process_time()
+            for _ in range(args.repeat):
+                fold_in(k)
+            per_history[k] = (time.process_time() - cpu) * 1e6 / (args.repeat * k)
+        print(json.dumps(per_history), flush=True)
+
+
+class Reference:
+    """The in-process fold-in of one server's model, in its own process pinned like the
+    server, with the torch threads each worker has; timed in rounds between the server's
+    steps (while the server is idle)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], rounds: int) -> None:
+        self.rounds = rounds
+        self.proc = subprocess.Popen(
+            argv, env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        self._read()  # the model is loaded
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the in-process reference exited with {self.proc.wait()}")
+        return dict(json.loads(line))
+
+    def measure(self, mean_pass: float) -> dict[str, Any]:
+        """``rounds`` rounds at the integer pass sizes around ``mean_pass``, and the reference
+        they give (:func:`reference_stats`)."""
+        assert self.proc.stdin is not None
+        sizes = pass_sizes(mean_pass)
+        rounds = []
+        for _ in range(self.rounds):
+            self.proc.stdin.write(json.dumps({"batch": sizes}) + "\n")
+            self.proc.stdin.flush()
+            rounds.append({int(k): v for k, v in self._read().items()})
+        return {"rounds": rounds, **reference_stats(rounds, mean_pass)}
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def pass_sizes(mean_pass: float) -> list[int]:
+    """The integer pass sizes around a mean pass size (at least one history)."""
+    mean_pass = max(mean_pass, 1.0)
+    return sorted({math.floor(mean_pass), math.ceil(mean_pass)})
 
 
 def reference_us(per_history: dict[int, float], mean_pass: float) -> float:
@@ -482,6 +553,13 @@ def reference_us(per_history: dict[int, float], mean_pass: float) -> float:
     cost_low, cost_high = low * per_history[low], high * per_history[high]
     share = 0.0 if high == low else (mean_pass - low) / (high - low)
     return (cost_low + share * (cost_high - cost_low)) / mean_pass
+
+
+def reference_stats(rounds: list[dict[int, float]], mean_pass: float) -> dict[str, float]:
+    """The reference of each round at ``mean_pass`` (:func:`reference_us`): their median (the
+    reference), min and max."""
+    each = [reference_us(r, mean_pass) for r in rounds]
+    return {"median_us": statistics.median(each), "min_us": min(each), "max_us": max(each)}
 
 
 def _machine() -> str:
@@ -545,6 +623,13 @@ def run(args: argparse.Namespace) -> None:
             server = Process(argv, env, work / f"service-{workers}.log", port, cwd=source)
             bench.workers = workers
             try:
+                if "miss" in args.modes:  # the misses' reference, with each worker's threads
+                    per_worker = max(1, threads // workers)
+                    in_argv = [*bench.server_cpus, sys.executable, __file__, "in-process",
+                               "--model-dir", str(model_dir), "--threads", str(per_worker),
+                               "--repeat", str(args.repeat)]  # fmt: skip
+                    env_in = {"PYTHONPATH": str(source)}
+                    bench.reference = Reference(in_argv, env_in, args.rounds)
                 bench.step(server, "miss", 20, 2.0)  # unrecorded: lazy initialisation
                 entry: dict[str, Any] = {}
                 for mode in args.modes:
@@ -566,30 +651,9 @@ def run(args: argparse.Namespace) -> None:
                 summary["servers"][label] = entry
             finally:
                 server.stop()
-            miss = entry.get("miss")
-            if miss and miss["loads"]:
-                # The reference: the same model in process, at the pass size each worker
-                # formed at that load (the mean over every worker), with the threads each
-                # worker has.
-                means = [r["mean_batch"] or 1.0 for r in miss["loads"]]
-                sizes = sorted({1, *(math.floor(m) for m in means), *(math.ceil(m) for m in means)})
-                per_worker = max(1, threads // workers)
-                argv = [*bench.server_cpus, sys.executable, __file__, "in-process",
-                        "--model-dir", str(model_dir), "--threads", str(per_worker),
-                        "--batch", *map(str, sizes)]  # fmt: skip
-                in_env = {**os.environ, "PYTHONPATH": str(source)}
-                out = subprocess.run(
-                    argv, check=True, capture_output=True, text=True, env=in_env
-                ).stdout
-                measured = json.loads(out)
-                per_history = {int(k): v for k, v in measured["cpu_us_per_history"].items()}
-                entry["in_process"] = measured
-                print(f"    in-process fold-in, µs CPU per history by pass size: "
-                      f"{', '.join(f'{k}: {v:.0f}' for k, v in per_history.items())}"
-                      f" ({per_worker} thread{'s' * (per_worker > 1)})", flush=True)  # fmt: skip
-                for row, mean in zip(miss["loads"], means, strict=True):
-                    row["in_process_us"] = reference_us(per_history, mean)
-                    row["ratio"] = row["cpu_us"] / row["in_process_us"]
+                if bench.reference is not None:
+                    bench.reference.stop()
+                    bench.reference = None
         if hit_rates:
             summary["trivial"] = {}
             for variant in args.trivial:
@@ -647,9 +711,11 @@ def _report(summary: dict[str, Any]) -> None:
                         f"{row['p99_ms']:.1f} ms, {row['cpu_us']:.0f} µs CPU/req")  # fmt: skip
                 if mode == "miss" and "ratio" in row:
                     other = row["cpu_us"] - row["loop_cpu_us"]
+                    ref = row["in_process"]
                     print(f"{head} (event loops {row['loop_cpu_us']:.0f}, other threads "
                           f"{other:.0f}), mean pass {row['mean_batch'] or 0:.2f}, in process "
-                          f"{row['in_process_us']:.0f} µs/history: {row['ratio']:.2f}x "
+                          f"{ref['median_us']:.0f} µs/history (rounds {ref['min_us']:.0f}-"
+                          f"{ref['max_us']:.0f}): {row['ratio']:.2f}x "
                           "(target <= 1.5x)")  # fmt: skip
                 elif mode == "hit" and "ratios" in row:
                     ratios = ", ".join(f"{v:.2f}x {k}" for k, v in row["ratios"].items())
@@ -670,9 +736,9 @@ def main() -> None:
     g.add_argument("--prewarm", action="store_true")
     p = sub.add_parser("in-process")
     p.add_argument("--model-dir", type=Path, required=True)
-    p.add_argument("--batch", type=int, nargs="+", required=True)
     p.add_argument("--threads", type=int, required=True)
-    p.add_argument("--repeat", type=int, default=30)
+    p.add_argument("--warm", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--source", default=str(ROOT),
                         help="the checkout whose service runs (PYTHONPATH)")  # fmt: skip
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
@@ -691,6 +757,16 @@ def main() -> None:
     parser.add_argument("--max-rate", type=float, default=20_000.0)
     parser.add_argument("--step-s", type=float, default=4.0)
     parser.add_argument("--measure-s", type=float, default=8.0)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="rounds of the in-process reference after each reported miss step (the median "
+        "is the reference)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=10, help="timed passes per pass size in a round"
+    )
     parser.add_argument(
         "--trivial",
         nargs="+",
