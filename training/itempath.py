@@ -72,17 +72,17 @@ def fit_item_path(model: MultVAE, split: Split, neighbours: int) -> tuple[MultVA
     """(the model to keep, a summary for metrics.json): see the module docstring."""
     tic = time.perf_counter()
     train = split.train
-    try:
+    lambdas = []
+    try:  # EASE refuses data it cannot fit; the trained network is kept either way
         check_ease_memory(train.shape[1], n_users=train.shape[0])
+        for l2 in EASE_GRID:
+            score = evaluate_scorer(ease_fit(train, l2), split.validation)
+            lambdas.append({"l2": l2, "val_ndcg@100": float(score.per_user["ndcg@100"].mean())})
+        l2 = max(lambdas, key=lambda r: r["val_ndcg@100"])["l2"]
+        cols, vals = ease_neighbours(train, l2, neighbours)
     except DataError as exc:
         log.warning("no item-item path: %s", exc)
         return model, {"fitted": False, "reason": str(exc)}
-    lambdas = []
-    for l2 in EASE_GRID:
-        score = evaluate_scorer(ease_fit(train, l2), split.validation)
-        lambdas.append({"l2": l2, "val_ndcg@100": float(score.per_user["ndcg@100"].mean())})
-    l2 = max(lambdas, key=lambda r: r["val_ndcg@100"])["l2"]
-    cols, vals = ease_neighbours(train, l2, neighbours)
     was_training = model.training
     model.eval()
     tried = []
