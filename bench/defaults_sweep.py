@@ -125,17 +125,12 @@ def _fit(candidate: str, dataset: str, seed: int, data_root: str, device: str) -
 
 def _network_test(trained: Any, split: Any) -> list[float] | None:
     """The test users' NDCG@100 of the network alone, where an item-item path was added."""
-    from dataclasses import replace
-
-    from multvae.model import MultVAE
     from training.evaluate import evaluate_model
+    from training.itempath import network_alone
 
-    model = trained.model
-    if not model.config.item_neighbours:
+    if not trained.model.config.item_neighbours:
         return None
-    network = MultVAE(replace(model.config, item_neighbours=0, item_weight=0.0))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("neighbour")}
-    network.load_state_dict(state)
+    network = network_alone(trained.model)
     return [round(float(v), 5) for v in evaluate_model(network, split.test).per_user["ndcg@100"]]
 
 

@@ -219,10 +219,9 @@ def ease_scorer(weights: NDArray[np.float32]) -> Scorer:
 
 @dataclass
 class _Dual:
-    """EASE's dual pieces for fewer training users U than items: the training matrix, its
+    """EASE's dual pieces for fewer training users U than items: the training matrix's
     transpose, K = (X X^T + lambda I)^-1 (U x U) and diag(X^T K X)."""
 
-    x: sp.csr_matrix
     xt: sp.csr_matrix
     kernel: NDArray[np.float64]
     qdiag: NDArray[np.float64]
@@ -241,7 +240,7 @@ class _Dual:
             qdiag[start : start + chunk] = np.asarray(
                 cols.multiply(cols @ kernel).sum(axis=1)
             ).ravel()
-        return cls(x, xt, kernel, qdiag)
+        return cls(xt, kernel, qdiag)
 
 
 def ease_dual_scorer(train: sp.csr_matrix, l2: float) -> Scorer:

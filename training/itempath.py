@@ -64,6 +64,14 @@ def with_item_path(
     return out.train(model.training)
 
 
+def network_alone(model: MultVAE) -> MultVAE:
+    """A copy of ``model`` without its item-item path: the trained network's own scores."""
+    network = MultVAE(replace(model.config, item_neighbours=0, item_weight=0.0))
+    network.load_state_dict({k: v for k, v in model.state_dict().items()
+                             if k not in ("neighbours", "neighbour_weights")})  # fmt: skip
+    return network.to(model.input_weight.device).train(model.training)
+
+
 def _validation_ndcg(model: MultVAE, split: Split) -> float:
     return float(evaluate_model(model, split.validation).per_user["ndcg@100"].mean())
 
